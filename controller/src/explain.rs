@@ -1,0 +1,484 @@
+//! `trellis-controller explain`: how one request from a namespace to a host would be routed.
+//!
+//! It runs the proxy's own matcher and filter functions (from `trellis-api`) on the policy the
+//! controller would send, so its answer is the proxy's answer.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
+use serde::Serialize;
+use trellis_api::Identity;
+use trellis_api::discovery::Target;
+use trellis_api::filters::{CompiledHeaderModifier, RedirectRequest, redirect_location, rewrite_path};
+use trellis_api::matching::{RequestHead, RouteTable};
+use trellis_api::policy::{
+    Backend, BackendTarget, Endpoint, Filter, GrpcMatch, HttpMatch, ObjectRef, OutboundPolicy, Route, RouteKind,
+    Routing, Rule, ServicePolicy,
+};
+
+use crate::index::{Config, Index};
+use crate::manifests;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory of Kubernetes YAML manifests.
+    #[arg(long, env = "TRELLIS_MANIFESTS")]
+    pub manifests: PathBuf,
+    /// Namespace of the client pod.
+    #[arg(long)]
+    pub from: String,
+    /// Destination: a Service name (`svc`, `svc.ns`, `svc.ns.svc.cluster.local`) or a cluster
+    /// or pod IP, with an optional `:PORT` (default 80).
+    #[arg(long)]
+    pub to: String,
+    /// Request method.
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// Request path, with an optional query string. For gRPC: `/package.Service/Method`.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// A request header, `Name: value`; repeat for more.
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    /// Trust domain of workload identities.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Cluster DNS domain.
+    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+pub fn main(args: Args) -> ExitCode {
+    let request = match build_request(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let objects = match manifests::load_dir(&args.manifests) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let index = Index::build(
+        &objects,
+        &Config {
+            trust_domain: args.trust_domain,
+            cluster_domain: args.cluster_domain,
+        },
+    );
+    let explanation = explain(&index, &args.from, &request);
+    match serde_json::to_string_pretty(&explanation) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot print the explanation: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A what-if request: the destination and the request head a client would send.
+#[derive(Debug)]
+pub struct WhatIf {
+    pub target: Target,
+    /// The destination as the user wrote it, used as the Host header.
+    pub host: String,
+    pub request: Request<()>,
+}
+
+/// Builds the request `explain` routes from its arguments.
+pub fn build_request(args: &Args) -> Result<WhatIf, String> {
+    what_if(&args.to, &args.method, &args.path, &args.headers)
+}
+
+/// Builds a what-if request from the same strings the command line takes.
+pub fn what_if(to: &str, method: &str, path: &str, headers: &[String]) -> Result<WhatIf, String> {
+    let target = Target::parse_with_default_port(to, 80).map_err(|e| e.to_string())?;
+    let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("invalid method {method:?}"))?;
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must start with '/'"));
+    }
+    let uri: Uri = path
+        .parse()
+        .map_err(|e| format!("invalid path {path:?}: {e}"))?;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let host = match &target {
+        Target::Name { host, port: 80 } if !to.ends_with(":80") => host.clone(),
+        _ => to.to_string(),
+    };
+    let host_value =
+        HeaderValue::from_str(&host).map_err(|_| format!("invalid host {host:?}"))?;
+    request.headers_mut().insert(http::header::HOST, host_value);
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| format!("header {h:?} must be 'Name: value'"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("invalid header name in {h:?}"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| format!("invalid header value in {h:?}"))?;
+        // A Host given with -H replaces the one derived from --to, as with curl.
+        if name == http::header::HOST {
+            request.headers_mut().insert(name, value);
+        } else {
+            request.headers_mut().append(name, value);
+        }
+    }
+    Ok(WhatIf {
+        target,
+        host,
+        request,
+    })
+}
+
+/// What the proxy would do with the request.
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub destination: Destination,
+    /// `passthrough`, `HTTPRoute`, `GRPCRoute` or `unrouted` (not a Service).
+    pub routing: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleId>,
+    pub answer: Answer,
+    /// The rule's filters, in the order they run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+    /// The request after the rule's filters (before backend filters).
+    pub request: RequestView,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Destination {
+    Service {
+        service: ObjectRef,
+        cluster_ip: String,
+        port: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        port_name: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        app_protocol: Option<String>,
+    },
+    NotAService {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        identity: Option<Identity>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteId {
+    pub kind: RouteKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RuleId {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Who answers the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Answer {
+    /// Forwarded to one of `backends`, picked by weight.
+    Forward,
+    /// Answered by the proxy with a redirect.
+    Redirect { status: u16, location: String },
+    /// Answered by the proxy with an error.
+    Error { status: u16, reason: String },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RequestView {
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    /// Header values by lower-case name, in order.
+    pub headers: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendView {
+    pub weight: u32,
+    /// The share of requests this backend gets, between 0 and 1.
+    pub share: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ObjectRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Set when requests sent here are answered by the proxy (500 invalid, 503 no endpoints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<Filter>,
+    pub endpoints: Vec<Endpoint>,
+    /// Request headers as this backend receives them, after backend filters.
+    pub request_headers: BTreeMap<String, Vec<String>>,
+}
+
+/// Routes `what_if` from a client in `from` exactly as the proxy would.
+pub fn explain(index: &Index, from: &str, what_if: &WhatIf) -> Explanation {
+    let mut request = what_if.request.clone();
+    let policy = index.outbound(from, &what_if.target);
+    let mut out = Explanation {
+        from: from.to_string(),
+        to: what_if.target.to_string(),
+        destination: Destination::NotAService { identity: None },
+        routing: "unrouted",
+        route: None,
+        rule: None,
+        answer: Answer::Forward,
+        filters: Vec::new(),
+        request: view(&request),
+        backends: Vec::new(),
+    };
+    let svc = match policy {
+        OutboundPolicy::NotAService { identity } => {
+            out.destination = Destination::NotAService { identity };
+            return out;
+        }
+        OutboundPolicy::Service(svc) => svc,
+    };
+    out.destination = Destination::Service {
+        service: svc.service.clone(),
+        cluster_ip: svc.cluster_ip.clone(),
+        port: svc.port,
+        port_name: svc.port_name.clone(),
+        app_protocol: svc.app_protocol.clone(),
+    };
+    match &svc.routing {
+        Routing::Passthrough { backend } => {
+            out.routing = "passthrough";
+            out.backends = backends(std::slice::from_ref(backend), &request);
+            out.answer = answer_for(&out.backends);
+        }
+        Routing::Http { routes } => {
+            out.routing = "HTTPRoute";
+            let table = RouteTable::<HttpMatch>::compile(routes);
+            route_request(&mut out, &svc, routes, table, &mut request);
+        }
+        Routing::Grpc { routes } => {
+            out.routing = "GRPCRoute";
+            let table = RouteTable::<GrpcMatch>::compile(routes);
+            route_request(&mut out, &svc, routes, table, &mut request);
+        }
+    }
+    out
+}
+
+fn route_request<M>(
+    out: &mut Explanation,
+    svc: &ServicePolicy,
+    routes: &[Route<M>],
+    table: Result<RouteTable<M>, trellis_api::matching::MatchError>,
+    request: &mut Request<()>,
+) {
+    let table = match table {
+        Ok(t) => t,
+        Err(e) => {
+            out.answer = Answer::Error {
+                status: 500,
+                reason: format!("the policy cannot be compiled: {e}"),
+            };
+            return;
+        }
+    };
+    let found = {
+        let head = RequestHead::from(&*request);
+        table.find(&head).map(|f| (f.route, f.rule, f.prefix.map(str::to_string)))
+    };
+    let Some((route_i, rule_i, prefix)) = found else {
+        out.answer = Answer::Error {
+            status: 404,
+            reason: format!(
+                "no rule of the routes on Service {} port {} matches",
+                svc.service, svc.port
+            ),
+        };
+        return;
+    };
+    let route = &routes[route_i];
+    let rule: &Rule<M> = &route.rules[rule_i];
+    out.route = Some(RouteId {
+        kind: route.kind,
+        namespace: route.id.namespace.clone(),
+        name: route.id.name.clone(),
+    });
+    out.rule = Some(RuleId {
+        index: rule.index,
+        name: rule.name.clone(),
+    });
+    out.filters = rule.filters.clone();
+    for filter in &rule.filters {
+        match filter {
+            Filter::RequestHeaderModifier(m) => apply_headers(m, request.headers_mut()),
+            Filter::UrlRewrite(rw) => {
+                if let Some(host) = rw.hostname.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                    request.headers_mut().insert(http::header::HOST, host);
+                }
+                if let Some(path) = &rw.path {
+                    let new_path = rewrite_path(path, request.uri().path(), prefix.as_deref());
+                    let new_uri = match request.uri().query() {
+                        Some(q) => format!("{new_path}?{q}"),
+                        None => new_path,
+                    };
+                    if let Ok(uri) = new_uri.parse() {
+                        *request.uri_mut() = uri;
+                    }
+                }
+            }
+            Filter::RequestRedirect(r) => {
+                let host = request
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default();
+                let location = redirect_location(
+                    r,
+                    &RedirectRequest {
+                        scheme: "http",
+                        host,
+                        path: request.uri().path(),
+                        query: request.uri().query(),
+                        matched_prefix: prefix.as_deref(),
+                        service_port: svc.port,
+                    },
+                );
+                out.answer = Answer::Redirect {
+                    status: r.status,
+                    location,
+                };
+                out.request = view(request);
+                return;
+            }
+            Filter::ResponseHeaderModifier(_) | Filter::RequestMirror(_) => {}
+        }
+    }
+    out.request = view(request);
+    out.backends = backends(&rule.backends, request);
+    out.answer = answer_for(&out.backends);
+}
+
+fn apply_headers(m: &trellis_api::policy::HeaderModifier, headers: &mut HeaderMap) {
+    // The controller validated every name and value; a failure here would be a bug in one of
+    // the two, and `explain` then shows the headers unmodified.
+    if let Ok(compiled) = CompiledHeaderModifier::compile(m) {
+        compiled.apply(headers);
+    }
+}
+
+fn backends(backends: &[Backend], request: &Request<()>) -> Vec<BackendView> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    backends
+        .iter()
+        .map(|b| {
+            let mut headers = request.headers().clone();
+            for f in &b.filters {
+                if let Filter::RequestHeaderModifier(m) = f {
+                    apply_headers(m, &mut headers);
+                }
+            }
+            let share = if total == 0 {
+                0.0
+            } else {
+                f64::from(b.weight) / total as f64
+            };
+            let (service, port, status, reason, endpoints) = match &b.target {
+                BackendTarget::Service {
+                    service,
+                    port,
+                    endpoints,
+                    ..
+                } => {
+                    let (status, reason) = if endpoints.is_empty() {
+                        (Some(503), Some(format!("Service {service} has no ready endpoints")))
+                    } else {
+                        (None, None)
+                    };
+                    (Some(service.clone()), Some(*port), status, reason, endpoints.clone())
+                }
+                BackendTarget::Invalid { status, reason } => {
+                    (None, None, Some(*status), Some(reason.clone()), Vec::new())
+                }
+            };
+            BackendView {
+                weight: b.weight,
+                share,
+                service,
+                port,
+                status,
+                reason,
+                filters: b.filters.clone(),
+                endpoints,
+                request_headers: header_view(&headers),
+            }
+        })
+        .collect()
+}
+
+/// Forward when some backend with weight can serve; otherwise the error every request gets.
+fn answer_for(backends: &[BackendView]) -> Answer {
+    let serving = backends.iter().any(|b| b.weight > 0 && b.status.is_none());
+    if serving {
+        return Answer::Forward;
+    }
+    match backends.iter().find(|b| b.weight > 0) {
+        Some(b) => Answer::Error {
+            status: b.status.unwrap_or(500),
+            reason: b.reason.clone().unwrap_or_default(),
+        },
+        None => Answer::Error {
+            status: 500,
+            reason: "every backend has weight 0".to_string(),
+        },
+    }
+}
+
+fn header_view(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in headers {
+        out.entry(name.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    out
+}
+
+fn view(request: &Request<()>) -> RequestView {
+    RequestView {
+        method: request.method().to_string(),
+        host: request
+            .headers()
+            .get(http::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default(),
+        path: request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".to_string()),
+        headers: header_view(request.headers()),
+    }
+}

@@ -1,0 +1,35 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use trellis_controller::{check, explain, serve};
+
+/// The Trellis control plane: compiles Gateway API mesh routes (GAMMA) into per-destination
+/// policies and streams them to proxies.
+#[derive(Debug, Parser)]
+#[command(name = "trellis-controller", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve discovery to proxies.
+    Serve(serve::Args),
+    /// Print the status every route in a manifest directory would get; exit 0 when every route
+    /// is Accepted with resolved references, 1 otherwise, 2 when the input cannot be read.
+    Check(check::Args),
+    /// Show, as JSON, how a request from a namespace to a host would be routed.
+    Explain(explain::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::main(args),
+        Command::Check(args) => check::main(args),
+        Command::Explain(args) => explain::main(args),
+    }
+}
+
