@@ -11,11 +11,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use serde::Serialize;
 use trellis_api::Identity;
 use trellis_api::discovery::Target;
-use trellis_api::filters::{CompiledHeaderModifier, RedirectRequest, redirect_location, rewrite_path};
+use trellis_api::filters::{
+    CompiledHeaderModifier, RedirectRequest, redirect_location, rewrite_path,
+};
 use trellis_api::matching::{RequestHead, RouteTable};
 use trellis_api::policy::{
-    Backend, BackendTarget, Endpoint, Filter, GrpcMatch, HttpMatch, ObjectRef, OutboundPolicy, Route, RouteKind,
-    Routing, Rule, ServicePolicy,
+    Backend, BackendTarget, Endpoint, Filter, GrpcMatch, HttpMatch, ObjectRef, OutboundPolicy,
+    Route, RouteKind, Routing, Rule, ServicePolicy,
 };
 
 use crate::index::{Config, Index};
@@ -117,8 +119,7 @@ pub fn what_if(to: &str, method: &str, path: &str, headers: &[String]) -> Result
         Target::Name { host, port: 80 } if !to.ends_with(":80") => host.clone(),
         _ => to.to_string(),
     };
-    let host_value =
-        HeaderValue::from_str(&host).map_err(|_| format!("invalid host {host:?}"))?;
+    let host_value = HeaderValue::from_str(&host).map_err(|_| format!("invalid host {host:?}"))?;
     request.headers_mut().insert(http::header::HOST, host_value);
     for h in headers {
         let (name, value) = h
@@ -307,7 +308,9 @@ fn route_request<M>(
     };
     let found = {
         let head = RequestHead::from(&*request);
-        table.find(&head).map(|f| (f.route, f.rule, f.prefix.map(str::to_string)))
+        table
+            .find(&head)
+            .map(|f| (f.route, f.rule, f.prefix.map(str::to_string)))
     };
     let Some((route_i, rule_i, prefix)) = found else {
         out.answer = Answer::Error {
@@ -335,7 +338,11 @@ fn route_request<M>(
         match filter {
             Filter::RequestHeaderModifier(m) => apply_headers(m, request.headers_mut()),
             Filter::UrlRewrite(rw) => {
-                if let Some(host) = rw.hostname.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+                if let Some(host) = rw
+                    .hostname
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok())
+                {
                     request.headers_mut().insert(http::header::HOST, host);
                 }
                 if let Some(path) = &rw.path {
@@ -413,11 +420,20 @@ fn backends(backends: &[Backend], request: &Request<()>) -> Vec<BackendView> {
                     ..
                 } => {
                     let (status, reason) = if endpoints.is_empty() {
-                        (Some(503), Some(format!("Service {service} has no ready endpoints")))
+                        (
+                            Some(503),
+                            Some(format!("Service {service} has no ready endpoints")),
+                        )
                     } else {
                         (None, None)
                     };
-                    (Some(service.clone()), Some(*port), status, reason, endpoints.clone())
+                    (
+                        Some(service.clone()),
+                        Some(*port),
+                        status,
+                        reason,
+                        endpoints.clone(),
+                    )
                 }
                 BackendTarget::Invalid { status, reason } => {
                     (None, None, Some(*status), Some(reason.clone()), Vec::new())

@@ -32,4 +32,3 @@ fn main() -> ExitCode {
         Command::Explain(args) => explain::main(args),
     }
 }
-

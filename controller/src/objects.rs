@@ -60,7 +60,8 @@ impl Objects {
             let ip = loop {
                 // Skip the network and broadcast-like addresses .0 and .255.
                 let [hi, lo] = u16::try_from(n).unwrap_or(1).to_be_bytes();
-                let candidate = Ipv4Addr::new(LOCAL_SERVICE_NET[0], LOCAL_SERVICE_NET[1], hi, lo).to_string();
+                let candidate =
+                    Ipv4Addr::new(LOCAL_SERVICE_NET[0], LOCAL_SERVICE_NET[1], hi, lo).to_string();
                 if lo != 0 && lo != 255 && !taken.contains(&candidate) {
                     break candidate;
                 }

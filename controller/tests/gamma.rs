@@ -229,11 +229,27 @@ fn redirect_host_and_status() {
 fn redirect_path() {
     let m = mesh(&["httproute-redirect-path.yaml"]);
     let cases = [
-        ("/original-prefix/lemon", 302, "http://echo/replacement-prefix/lemon"),
-        ("/full/path/original", 302, "http://echo/full-path-replacement"),
-        ("/path-and-host", 302, "http://example.org/replacement-prefix"),
+        (
+            "/original-prefix/lemon",
+            302,
+            "http://echo/replacement-prefix/lemon",
+        ),
+        (
+            "/full/path/original",
+            302,
+            "http://echo/full-path-replacement",
+        ),
+        (
+            "/path-and-host",
+            302,
+            "http://example.org/replacement-prefix",
+        ),
         ("/path-and-status", 301, "http://echo/replacement-prefix"),
-        ("/full-path-and-host", 302, "http://example.org/replacement-full"),
+        (
+            "/full-path-and-host",
+            302,
+            "http://example.org/replacement-full",
+        ),
         ("/full-path-and-status", 301, "http://echo/replacement-full"),
     ];
     for (path, status, location) in cases {
@@ -247,7 +263,11 @@ fn redirect_port() {
     let m = mesh(&["httproute-redirect-port.yaml"]);
     let cases = [
         ("/port", 302, "http://echo:8083/port"),
-        ("/port-and-host", 302, "http://example.org:8083/port-and-host"),
+        (
+            "/port-and-host",
+            302,
+            "http://example.org:8083/port-and-host",
+        ),
         ("/port-and-status", 301, "http://echo:8083/port-and-status"),
         (
             "/port-and-host-and-status",
@@ -265,7 +285,11 @@ fn scheme_redirect() {
     let m = mesh(&["httproute-redirect-scheme.yaml"]);
     let cases = [
         ("/scheme", 302, "https://echo/scheme"),
-        ("/scheme-and-host", 302, "https://example.org/scheme-and-host"),
+        (
+            "/scheme-and-host",
+            302,
+            "https://example.org/scheme-and-host",
+        ),
         ("/scheme-and-status", 301, "https://echo/scheme-and-status"),
         (
             "/scheme-and-host-and-status",
@@ -303,19 +327,28 @@ fn check_header_modifier(m: &Mesh) {
         Case {
             path: "/set",
             sent: &["Some-Other-Header: val"],
-            want: &[("Some-Other-Header", "val"), ("X-Header-Set", "set-overwrites-values")],
+            want: &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Set", "set-overwrites-values"),
+            ],
             absent: &[],
         },
         Case {
             path: "/set",
             sent: &["Some-Other-Header: val", "X-Header-Set: some-other-value"],
-            want: &[("Some-Other-Header", "val"), ("X-Header-Set", "set-overwrites-values")],
+            want: &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Set", "set-overwrites-values"),
+            ],
             absent: &[],
         },
         Case {
             path: "/add",
             sent: &["Some-Other-Header: val"],
-            want: &[("Some-Other-Header", "val"), ("X-Header-Add", "add-appends-values")],
+            want: &[
+                ("Some-Other-Header", "val"),
+                ("X-Header-Add", "add-appends-values"),
+            ],
             absent: &[],
         },
         Case {
@@ -426,7 +459,10 @@ fn rewrite_path() {
         let e = m.get(sent, &headers);
         assert_backend(&e, "echo-v1");
         assert_eq!(e.request.path, backend_path, "{sent}");
-        assert_eq!(backend_header(&e, "X-Header-Add").as_deref(), Some("header-val-1"));
+        assert_eq!(
+            backend_header(&e, "X-Header-Add").as_deref(),
+            Some("header-val-1")
+        );
         assert_eq!(
             backend_header(&e, "X-Header-Add-Append").as_deref(),
             Some("append-val-1,header-val-2")
@@ -445,7 +481,10 @@ fn named_rule() {
     let m = mesh(&["httproute-named-rule.yaml"]);
     let e = m.get("/named", &[]);
     assert_backend(&e, "echo-v1");
-    assert_eq!(e.rule.as_ref().and_then(|r| r.name.as_deref()), Some("named-rule"));
+    assert_eq!(
+        e.rule.as_ref().and_then(|r| r.name.as_deref()),
+        Some("named-rule")
+    );
     let e = m.get("/unnamed", &[]);
     assert_backend(&e, "echo-v2");
     assert_eq!(e.rule.as_ref().map(|r| r.name.clone()), Some(None));
@@ -474,7 +513,10 @@ fn consumer_route_applies_only_to_its_namespace() {
     let to = "echo-v1.gateway-conformance-mesh";
     let consumer = m.ask(CONSUMER, to, "/", &[]);
     assert_backend(&consumer, "echo-v1");
-    assert_eq!(response_header_set(&consumer, "X-Header-Set").as_deref(), Some("set"));
+    assert_eq!(
+        response_header_set(&consumer, "X-Header-Set").as_deref(),
+        Some("set")
+    );
     let producer_side = m.ask(MESH, to, "/", &[]);
     assert_backend(&producer_side, "echo-v1");
     assert_eq!(producer_side.routing, "passthrough");
@@ -488,7 +530,10 @@ fn frontend_versus_pod_ip() {
     let m = mesh(&["mesh-frontend.yaml"]);
     let e = m.get_to("echo-v2");
     assert_backend(&e, "echo-v2");
-    assert_eq!(response_header_set(&e, "X-Header-Set").as_deref(), Some("set"));
+    assert_eq!(
+        response_header_set(&e, "X-Header-Set").as_deref(),
+        Some("set")
+    );
     // Traffic to a pod IP is not Service traffic: unrouted, but its identity is known.
     let e = m.ask(MESH, "10.244.0.12:8080", "/", &[]);
     assert_eq!(e.routing, "unrouted");
@@ -511,7 +556,10 @@ fn frontend_hostname_routes_by_cluster_ip_not_host() {
     let (v1_ip, v2_ip) = (ip_of("echo-v1"), ip_of("echo-v2"));
     let e = m.ask(MESH, &format!("{v2_ip}:80"), "/", &["Host: echo-v1"]);
     assert_backend(&e, "echo-v2");
-    assert_eq!(response_header_set(&e, "X-Header-Set").as_deref(), Some("set"));
+    assert_eq!(
+        response_header_set(&e, "X-Header-Set").as_deref(),
+        Some("set")
+    );
     let e = m.ask(MESH, &format!("{v1_ip}:80"), "/", &["Host: echo-v2"]);
     assert_backend(&e, "echo-v1");
     assert_eq!(response_header_set(&e, "X-Header-Set"), None);
@@ -529,7 +577,11 @@ fn ports() {
     for (to, backend, header) in cases {
         let e = m.ask(MESH, to, "/", &[]);
         assert_backend(&e, backend);
-        assert_eq!(response_header_set(&e, "X-Header-Set").as_deref(), header, "{to}");
+        assert_eq!(
+            response_header_set(&e, "X-Header-Set").as_deref(),
+            header,
+            "{to}"
+        );
     }
     all_healthy(&m);
 }
@@ -540,7 +592,8 @@ fn grpc_weight_ignores_missing_zero_weight_backend() {
     let e = m.ask(MESH, "echo:7070", "/proto.EchoTestService/Echo", &[]);
     assert_eq!(e.routing, "GRPCRoute");
     assert_eq!(e.answer, Answer::Forward);
-    let weights: Vec<(u32, Option<u16>)> = e.backends.iter().map(|b| (b.weight, b.status)).collect();
+    let weights: Vec<(u32, Option<u16>)> =
+        e.backends.iter().map(|b| (b.weight, b.status)).collect();
     assert_eq!(weights, vec![(70, None), (30, None), (0, Some(500))]);
     assert_eq!(answering_pods(&e), vec![V1_POD, V2_POD]);
     // The route is Accepted; the missing echo-v3 is reported, not fatal.
@@ -563,18 +616,27 @@ fn grpc_request_header_modifier() {
         "x-header-set: this-value-should-be-overwritten",
     ]);
     assert_backend(&e, "echo-v1");
-    assert_eq!(backend_header(&e, "x-header-set").as_deref(), Some("set-overwrites-values"));
+    assert_eq!(
+        backend_header(&e, "x-header-set").as_deref(),
+        Some("set-overwrites-values")
+    );
     assert_eq!(
         backend_header(&e, "some-other-header").as_deref(),
         Some("this-header-should-be-set")
     );
-    let e = call(&["x-test-case: add", "x-header-add: this-value-should-be-appended"]);
+    let e = call(&[
+        "x-test-case: add",
+        "x-header-add: this-value-should-be-appended",
+    ]);
     assert_backend(&e, "echo-v1");
     assert_eq!(
         backend_header(&e, "x-header-add").as_deref(),
         Some("this-value-should-be-appended,add-appends-values")
     );
-    let e = call(&["x-test-case: remove", "x-header-remove: this-should-be-removed"]);
+    let e = call(&[
+        "x-test-case: remove",
+        "x-header-remove: this-should-be-removed",
+    ]);
     assert_backend(&e, "echo-v1");
     assert_eq!(backend_header(&e, "x-header-remove"), None);
     let e = call(&[
@@ -584,9 +646,18 @@ fn grpc_request_header_modifier() {
         "x-header-remove-2: should-be-removed-2",
     ]);
     assert_backend(&e, "echo-v2");
-    assert_eq!(backend_header(&e, "x-header-set-1").as_deref(), Some("header-set-1"));
-    assert_eq!(backend_header(&e, "x-header-set-2").as_deref(), Some("header-set-2"));
-    assert_eq!(backend_header(&e, "x-header-add-1").as_deref(), Some("header-add-1"));
+    assert_eq!(
+        backend_header(&e, "x-header-set-1").as_deref(),
+        Some("header-set-1")
+    );
+    assert_eq!(
+        backend_header(&e, "x-header-set-2").as_deref(),
+        Some("header-set-2")
+    );
+    assert_eq!(
+        backend_header(&e, "x-header-add-1").as_deref(),
+        Some("header-add-1")
+    );
     assert_eq!(
         backend_header(&e, "x-header-add-2").as_deref(),
         Some("add-header-2,header-add-2")

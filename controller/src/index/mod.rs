@@ -90,8 +90,7 @@ impl Index {
         routes.sort_by(|a, b| a.order_key().cmp(&b.order_key()).then(a.kind.cmp(&b.kind)));
 
         // Attach every route to the Service ports its parentRefs name.
-        let mut groups: HashMap<(ObjectRef, u16), BTreeMap<Option<String>, Group>> =
-            HashMap::new();
+        let mut groups: HashMap<(ObjectRef, u16), BTreeMap<Option<String>, Group>> = HashMap::new();
         let mut attachments: Vec<Vec<(ParentRef, Attachment)>> = Vec::with_capacity(routes.len());
         for (i, route) in routes.iter().enumerate() {
             let mut parents = Vec::new();
@@ -102,8 +101,8 @@ impl Index {
                 {
                     // Producer routes live in the Service's namespace; any other is a consumer
                     // route of its own namespace.
-                    let group = (route.id.namespace != svc.namespace)
-                        .then(|| route.id.namespace.clone());
+                    let group =
+                        (route.id.namespace != svc.namespace).then(|| route.id.namespace.clone());
                     for port in ports {
                         let g = groups
                             .entry((svc.clone(), *port))
@@ -167,7 +166,8 @@ impl Index {
             .filter(|(_, parents)| !parents.is_empty())
             .map(|(route, parents)| route_status(route, parents, &routes, &groups))
             .collect();
-        statuses.sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
+        statuses
+            .sort_by(|a, b| (a.kind, &a.namespace, &a.name).cmp(&(b.kind, &b.namespace, &b.name)));
 
         Index {
             config: config.clone(),
@@ -255,7 +255,10 @@ fn attach(p: &HttpRouteParentRefs, route_ns: &str, services: &Services) -> Attac
         name: p.name.clone(),
     };
     let Some(svc) = services.get(&id) else {
-        return Err((reason::NO_MATCHING_PARENT, format!("Service {id} does not exist")));
+        return Err((
+            reason::NO_MATCHING_PARENT,
+            format!("Service {id} does not exist"),
+        ));
     };
     if let Some(problem) = svc.parent_problem() {
         return Err((reason::UNSUPPORTED_VALUE, problem));

@@ -10,18 +10,17 @@ use std::str::FromStr;
 use gateway_api::experimental::grpcroutes::{GrpcRoute, GrpcRouteRulesMatches};
 use gateway_api::experimental::httproutes::{
     HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
-    HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectPathType,
-    HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesPathType,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersRequestRedirectPathType, HttpRouteRulesFiltersType,
+    HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesMatches, HttpRouteRulesMatchesPathType,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_api::matching::validate_regex;
 use trellis_api::policy::{
-    Backend, BackendTarget, Filter, GrpcMatch, GrpcMethodMatch, Header, HeaderModifier,
-    HttpMatch, NameMatch, ObjectRef, PathMatch, PathModifier, RequestMirror, RequestRedirect,
-    Retry, Route, RouteKind, Rule, Timeouts, UrlRewrite, ValueMatch,
+    Backend, BackendTarget, Filter, GrpcMatch, GrpcMethodMatch, Header, HeaderModifier, HttpMatch,
+    NameMatch, ObjectRef, PathMatch, PathModifier, RequestMirror, RequestRedirect, Retry, Route,
+    RouteKind, Rule, Timeouts, UrlRewrite, ValueMatch,
 };
 
 use super::services::Services;
@@ -71,7 +70,10 @@ enum RuleError {
 
 fn id_of(meta: &ObjectMeta) -> ObjectRef {
     ObjectRef {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
         name: meta.name.clone().unwrap_or_default(),
     }
 }
@@ -105,11 +107,18 @@ pub fn compile_http(route: &HttpRoute, services: &Services) -> CompiledRoute {
                 valid_rules += 1;
                 rules.push(r);
             }
-            Err(RuleError::Unmatchable(why)) => invalid.push(rule_msg(index, rule.name.as_ref(), &why)),
+            Err(RuleError::Unmatchable(why)) => {
+                invalid.push(rule_msg(index, rule.name.as_ref(), &why))
+            }
             Err(RuleError::Broken(why)) => {
                 invalid.push(rule_msg(index, rule.name.as_ref(), &why));
                 if let Ok(matches) = rule.matches.iter().flatten().map(http_match).collect() {
-                    rules.push(broken_rule(index, rule.name.clone(), non_empty(matches), &why));
+                    rules.push(broken_rule(
+                        index,
+                        rule.name.clone(),
+                        non_empty(matches),
+                        &why,
+                    ));
                 }
             }
         }
@@ -151,9 +160,10 @@ pub fn compile_grpc(route: &GrpcRoute, services: &Services) -> CompiledRoute {
                 continue;
             }
         };
-        let body = reshape::<_, Option<Vec<HttpRouteRulesFilters>>>(&rule.filters)
-            .and_then(|filters| {
-                let backends = reshape::<_, Option<Vec<HttpRouteRulesBackendRefs>>>(&rule.backend_refs)?;
+        let body =
+            reshape::<_, Option<Vec<HttpRouteRulesFilters>>>(&rule.filters).and_then(|filters| {
+                let backends =
+                    reshape::<_, Option<Vec<HttpRouteRulesBackendRefs>>>(&rule.backend_refs)?;
                 rule_body(filters.as_deref(), backends.as_deref(), None, &mut ctx)
             });
         match body {
@@ -235,7 +245,11 @@ fn broken_rule<M>(index: usize, name: Option<String>, matches: Vec<M>, why: &str
 
 const NO_BACKENDS: &str = "the rule has no backendRefs";
 
-fn http_rule(index: usize, rule: &HttpRouteRules, ctx: &mut Ctx<'_>) -> Result<Rule<HttpMatch>, RuleError> {
+fn http_rule(
+    index: usize,
+    rule: &HttpRouteRules,
+    ctx: &mut Ctx<'_>,
+) -> Result<Rule<HttpMatch>, RuleError> {
     let matches: Vec<HttpMatch> = rule
         .matches
         .iter()
@@ -272,8 +286,13 @@ fn http_match(m: &HttpRouteRulesMatches) -> Result<HttpMatch, String> {
         None => PathMatch::Prefix("/".to_string()),
         Some(p) => {
             let value = p.value.clone().unwrap_or_else(|| "/".to_string());
-            match p.r#type.clone().unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
-                HttpRouteRulesMatchesPathType::Exact | HttpRouteRulesMatchesPathType::PathPrefix
+            match p
+                .r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::Exact
+                | HttpRouteRulesMatchesPathType::PathPrefix
                     if !value.starts_with('/') =>
                 {
                     return Err(format!("path {value:?} must start with '/'"));
@@ -347,13 +366,24 @@ fn grpc_match(m: &GrpcRouteRulesMatches) -> Result<GrpcMatch, String> {
     let method = match &m.method {
         None => None,
         Some(mm) => {
-            let regex = mm.r#type.as_ref().is_some_and(|t| enum_name(t).as_deref() == Ok("RegularExpression"));
+            let regex = mm
+                .r#type
+                .as_ref()
+                .is_some_and(|t| enum_name(t).as_deref() == Ok("RegularExpression"));
             if mm.service.is_none() && mm.method.is_none() {
                 return Err("a gRPC method match needs a service or a method".to_string());
             }
             Some(GrpcMethodMatch {
-                service: mm.service.as_deref().map(|s| value_match(regex, s)).transpose()?,
-                method: mm.method.as_deref().map(|s| value_match(regex, s)).transpose()?,
+                service: mm
+                    .service
+                    .as_deref()
+                    .map(|s| value_match(regex, s))
+                    .transpose()?,
+                method: mm
+                    .method
+                    .as_deref()
+                    .map(|s| value_match(regex, s))
+                    .transpose()?,
             })
         }
     };
@@ -365,7 +395,10 @@ fn grpc_match(m: &GrpcRouteRulesMatches) -> Result<GrpcMatch, String> {
         }
         http::HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("invalid header name {:?} in a match", h.name))?;
-        let regex = h.r#type.as_ref().is_some_and(|t| enum_name(t).as_deref() == Ok("RegularExpression"));
+        let regex = h
+            .r#type
+            .as_ref()
+            .is_some_and(|t| enum_name(t).as_deref() == Ok("RegularExpression"));
         headers.push(NameMatch {
             name: h.name.clone(),
             value: value_match(regex, &h.value)?,
@@ -392,20 +425,28 @@ fn rule_body(
             return Err("a RequestRedirect filter cannot be combined with backendRefs".to_string());
         }
         if filters.iter().any(|f| matches!(f, Filter::UrlRewrite(_))) {
-            return Err("RequestRedirect and URLRewrite cannot be used in the same rule".to_string());
+            return Err(
+                "RequestRedirect and URLRewrite cannot be used in the same rule".to_string(),
+            );
         }
         return Ok((filters, Vec::new()));
     }
     let mut backends = Vec::new();
     for r in refs {
-        let backend_filters: Vec<HttpRouteRulesFilters> = reshape(&r.filters.clone().unwrap_or_default())?;
+        let backend_filters: Vec<HttpRouteRulesFilters> =
+            reshape(&r.filters.clone().unwrap_or_default())?;
         let filters = compile_filters(&backend_filters, matches, ctx)?;
-        if let Some(f) = filters.iter().find(|f| matches!(f, Filter::RequestRedirect(_) | Filter::UrlRewrite(_))) {
+        if let Some(f) = filters
+            .iter()
+            .find(|f| matches!(f, Filter::RequestRedirect(_) | Filter::UrlRewrite(_)))
+        {
             let name = match f {
                 Filter::RequestRedirect(_) => "RequestRedirect",
                 _ => "URLRewrite",
             };
-            return Err(format!("{name} is not supported on a backendRef; put it on the rule"));
+            return Err(format!(
+                "{name} is not supported on a backendRef; put it on the rule"
+            ));
         }
         let r_ = BackendRefIn {
             group: r.group.as_deref(),
@@ -470,7 +511,10 @@ fn check_backend(
     if !matches!(group, "" | "core") || kind != "Service" {
         return Err((
             reason::INVALID_KIND,
-            format!("backendRef {ns}/{} has kind {kind:?} in group {group:?}: only core Services are supported", r.name),
+            format!(
+                "backendRef {ns}/{} has kind {kind:?} in group {group:?}: only core Services are supported",
+                r.name
+            ),
         ));
     }
     let id = ObjectRef {
@@ -478,19 +522,30 @@ fn check_backend(
         name: r.name.to_string(),
     };
     let Some(svc) = services.get(&id) else {
-        return Err((reason::BACKEND_NOT_FOUND, format!("backendRef Service {id} does not exist")));
+        return Err((
+            reason::BACKEND_NOT_FOUND,
+            format!("backendRef Service {id} does not exist"),
+        ));
     };
     if svc.external_name {
         return Err((
             reason::REF_NOT_PERMITTED,
-            format!("backendRef Service {id} is of type ExternalName, which the mesh does not route to"),
+            format!(
+                "backendRef Service {id} is of type ExternalName, which the mesh does not route to"
+            ),
         ));
     }
     let Some(port) = r.port else {
-        return Err((reason::BACKEND_NOT_FOUND, format!("backendRef Service {id} needs a port")));
+        return Err((
+            reason::BACKEND_NOT_FOUND,
+            format!("backendRef Service {id} needs a port"),
+        ));
     };
     let Some(sp) = u16::try_from(port).ok().and_then(|p| svc.port(p)) else {
-        return Err((reason::BACKEND_NOT_FOUND, format!("backendRef Service {id} has no port {port}")));
+        return Err((
+            reason::BACKEND_NOT_FOUND,
+            format!("backendRef Service {id} has no port {port}"),
+        ));
     };
     Ok(BackendTarget::Service {
         service: id,
@@ -528,7 +583,8 @@ fn compile_filters(
                 let path = match &r.path {
                     None => None,
                     Some(p) => Some(path_modifier(
-                        p.r#type == HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch,
+                        p.r#type
+                            == HttpRouteRulesFiltersRequestRedirectPathType::ReplacePrefixMatch,
                         p.replace_full_path.as_deref(),
                         p.replace_prefix_match.as_deref(),
                         matches,
@@ -536,14 +592,26 @@ fn compile_filters(
                 };
                 let status = u16::try_from(r.status_code.unwrap_or(302)).unwrap_or(0);
                 if ![301, 302, 303, 307, 308].contains(&status) {
-                    return Err(format!("redirect status code {status} is not one of 301, 302, 303, 307, 308"));
+                    return Err(format!(
+                        "redirect status code {status} is not one of 301, 302, 303, 307, 308"
+                    ));
                 }
                 let port = match r.port {
                     None => None,
-                    Some(p) => Some(u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| format!("redirect port {p} is out of range"))?),
+                    Some(p) => Some(
+                        u16::try_from(p)
+                            .ok()
+                            .filter(|p| *p > 0)
+                            .ok_or_else(|| format!("redirect port {p} is out of range"))?,
+                    ),
                 };
                 Filter::RequestRedirect(RequestRedirect {
-                    scheme: r.scheme.as_ref().map(enum_name).transpose()?.map(|s| s.to_ascii_lowercase()),
+                    scheme: r
+                        .scheme
+                        .as_ref()
+                        .map(enum_name)
+                        .transpose()?
+                        .map(|s| s.to_ascii_lowercase()),
                     hostname: r.hostname.clone(),
                     path,
                     port,
@@ -582,8 +650,14 @@ fn compile_filters(
                     (None, Some(p)) => (p, 100),
                     (None, None) => (100, 100),
                 };
-                let numerator = u32::try_from(numerator).map_err(|_| "mirror fraction must not be negative".to_string())?;
-                let denominator = u32::try_from(denominator).ok().filter(|d| *d > 0 && *d >= numerator).ok_or_else(|| "mirror fraction needs a denominator ≥ numerator and > 0".to_string())?;
+                let numerator = u32::try_from(numerator)
+                    .map_err(|_| "mirror fraction must not be negative".to_string())?;
+                let denominator = u32::try_from(denominator)
+                    .ok()
+                    .filter(|d| *d > 0 && *d >= numerator)
+                    .ok_or_else(|| {
+                        "mirror fraction needs a denominator ≥ numerator and > 0".to_string()
+                    })?;
                 if matches!(backend.target, BackendTarget::Invalid { .. }) {
                     // Mirrored traffic never affects the client: an unusable mirror is only
                     // reported (ResolvedRefs) and left out.
@@ -620,7 +694,9 @@ fn path_modifier(
     match matches {
         Some([m]) if matches!(m.path, PathMatch::Prefix(_)) => {}
         _ => {
-            return Err("ReplacePrefixMatch needs exactly one match, with a PathPrefix path".to_string());
+            return Err(
+                "ReplacePrefixMatch needs exactly one match, with a PathPrefix path".to_string(),
+            );
         }
     }
     Ok(PathModifier::ReplacePrefixMatch(replacement.to_string()))
@@ -657,7 +733,8 @@ fn header_modifier(m: HeaderModifierIn) -> Result<HeaderModifier, String> {
 
 /// A Gateway API duration in milliseconds; zero means "no timeout".
 fn duration_ms(field: &str, s: &str) -> Result<Option<u64>, String> {
-    let d = gateway_api::Duration::from_str(s).map_err(|e| format!("{field} {s:?} is not a valid duration: {e}"))?;
+    let d = gateway_api::Duration::from_str(s)
+        .map_err(|e| format!("{field} {s:?} is not a valid duration: {e}"))?;
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     Ok((ms > 0).then_some(ms))
 }
@@ -666,7 +743,12 @@ fn timeouts(rule: &HttpRouteRules) -> Result<Timeouts, String> {
     let Some(t) = &rule.timeouts else {
         return Ok(Timeouts::default());
     };
-    let request_ms = t.request.as_deref().map(|s| duration_ms("timeouts.request", s)).transpose()?.flatten();
+    let request_ms = t
+        .request
+        .as_deref()
+        .map(|s| duration_ms("timeouts.request", s))
+        .transpose()?
+        .flatten();
     let backend_request_ms = t
         .backend_request
         .as_deref()
@@ -676,7 +758,9 @@ fn timeouts(rule: &HttpRouteRules) -> Result<Timeouts, String> {
     if let (Some(req), Some(backend)) = (request_ms, backend_request_ms)
         && backend > req
     {
-        return Err(format!("timeouts.backendRequest ({backend} ms) must not exceed timeouts.request ({req} ms)"));
+        return Err(format!(
+            "timeouts.backendRequest ({backend} ms) must not exceed timeouts.request ({req} ms)"
+        ));
     }
     Ok(Timeouts {
         request_ms,
@@ -692,8 +776,14 @@ fn retry(r: &gateway_api::experimental::httproutes::HttpRouteRulesRetry) -> Resu
             _ => return Err(format!("retry code {c} is not a 4xx or 5xx status")),
         }
     }
-    let attempts = u32::try_from(r.attempts.unwrap_or(1)).map_err(|_| "retry attempts must not be negative".to_string())?;
-    let backoff_ms = r.backoff.as_deref().map(|s| duration_ms("retry.backoff", s)).transpose()?.flatten();
+    let attempts = u32::try_from(r.attempts.unwrap_or(1))
+        .map_err(|_| "retry attempts must not be negative".to_string())?;
+    let backoff_ms = r
+        .backoff
+        .as_deref()
+        .map(|s| duration_ms("retry.backoff", s))
+        .transpose()?
+        .flatten();
     Ok(Retry {
         codes,
         attempts,

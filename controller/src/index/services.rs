@@ -40,7 +40,10 @@ impl ServiceInfo {
     /// Why this Service cannot be a route parent, if it cannot.
     pub fn parent_problem(&self) -> Option<String> {
         if self.external_name {
-            Some(format!("Service {} is of type ExternalName: only Services with a cluster IP can be route parents", self.id))
+            Some(format!(
+                "Service {} is of type ExternalName: only Services with a cluster IP can be route parents",
+                self.id
+            ))
         } else if self.cluster_ips.is_empty() {
             Some(format!(
                 "Service {} is headless: only Services with a cluster IP can be route parents",
@@ -77,7 +80,9 @@ pub struct Services {
 }
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    meta.namespace.clone().unwrap_or_else(|| "default".to_string())
+    meta.namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string())
 }
 
 impl Services {
