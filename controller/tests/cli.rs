@@ -1,5 +1,7 @@
 //! `check` and `explain` as a user runs them: the real binary, real files, exit codes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -2,6 +2,8 @@
 //! against `explain`'s logic: the upstream manifests plus the pods and EndpointSlices a cluster
 //! would add, loaded by local mode's loader, routed by the proxy's matcher and filters.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use std::path::Path;
 
 use trellis_controller::explain::{Answer, Destination, Explanation, explain, what_if};

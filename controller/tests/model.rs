@@ -1,6 +1,8 @@
 //! The GAMMA rules the conformance suite does not exercise: consumer routes replacing producer
 //! routes, kind conflicts, invalid rules and references, endpoints and status details.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
 use trellis_api::discovery::Target;
 use trellis_api::policy::{BackendTarget, OutboundPolicy, Routing, ServicePolicy};
 use trellis_controller::explain::{Answer, Explanation, explain, what_if};
