@@ -1,12 +1,10 @@
-//! The Trellis sidecar proxy.
-//!
-//! This release ships the control plane's model and discovery; the data plane (`run`) and the
-//! pod's traffic redirection (`init`) are not in it yet. Both subcommands exist so that their
-//! interface is fixed, and both refuse to start rather than pretend to proxy.
+//! The Trellis sidecar proxy's command line.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use trellis_proxy::init;
 
 /// The Trellis sidecar: intercepts a pod's traffic and applies the mesh's routes to it.
 #[derive(Debug, Parser)]
@@ -21,14 +19,17 @@ enum Command {
     /// Run the sidecar (outbound :4140, inbound :4143, admin :4191).
     Run,
     /// Program the pod's iptables so its TCP traffic goes through the sidecar.
-    Init,
+    Init(init::Args),
 }
 
 fn main() -> ExitCode {
-    let what = match Cli::parse().command {
-        Command::Run => "the sidecar data plane (trellis-proxy run)",
-        Command::Init => "traffic redirection (trellis-proxy init)",
-    };
-    eprintln!("error: {what} is not available in this release of Trellis");
-    ExitCode::from(2)
+    match Cli::parse().command {
+        Command::Run => {
+            eprintln!(
+                "error: the sidecar data plane (trellis-proxy run) is not available in this release of Trellis"
+            );
+            ExitCode::from(2)
+        }
+        Command::Init(args) => init::main(args),
+    }
 }
