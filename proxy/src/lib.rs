@@ -1,5 +1,9 @@
 //! The Trellis sidecar proxy.
 //!
-//! One module per flow, after the domain: `init` programs the pod's traffic redirection.
+//! One module per concern, named after the domain: `config` (settings), `policy` (compiled
+//! discovery snapshots), `balance` (endpoint choice), `init` (the pod's traffic redirection).
 
+pub mod balance;
+pub mod config;
 pub mod init;
+pub mod policy;

@@ -1,0 +1,189 @@
+//! The settings of `trellis-proxy run`: one typed struct, parsed once from flags and
+//! `TRELLIS_*` environment variables, validated before anything starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// Ports whose servers speak first (SMTP, MySQL, NATS, PostgreSQL, Redis, Elasticsearch
+/// transport, memcached): waiting for the client to speak would only add the detection timeout.
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,5432,6379,9300,11211";
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// Where the app's redirected (or explicit) outbound connections arrive.
+    #[arg(long, env = "TRELLIS_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    pub outbound_addr: SocketAddr,
+    /// Where connections to the pod arrive, from other proxies or redirected by iptables.
+    #[arg(long, env = "TRELLIS_INBOUND_ADDR", default_value = "0.0.0.0:4143")]
+    pub inbound_addr: SocketAddr,
+    /// Admin server: /metrics, /ready, /live, /config.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:4191")]
+    pub admin_addr: SocketAddr,
+    /// The port other proxies' inbound listeners use; meshed endpoints are reached there.
+    #[arg(long, env = "TRELLIS_PEER_INBOUND_PORT", default_value_t = 4143)]
+    pub peer_inbound_port: u16,
+    /// The controller's discovery address, `host:port`.
+    #[arg(long, env = "TRELLIS_CONTROLLER_ADDR")]
+    pub controller_addr: String,
+    /// The pod's namespace: decides which consumer routes apply and what short names mean.
+    #[arg(long, env = "TRELLIS_POD_NAMESPACE")]
+    pub namespace: String,
+    /// The pod's name, for logs.
+    #[arg(long, env = "TRELLIS_POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// Where inbound traffic is delivered to the app (the app listens here at its own ports).
+    #[arg(long, env = "TRELLIS_APP_HOST", default_value = "127.0.0.1")]
+    pub app_host: IpAddr,
+    /// Cluster DNS domain, to recognise `svc.ns.svc.<domain>` names.
+    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Ports treated as opaque TCP without detection (comma list, ranges allowed).
+    #[arg(long, env = "TRELLIS_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS)]
+    pub opaque_ports: String,
+    /// How long protocol detection waits for the client's first bytes.
+    #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub detect_timeout: Duration,
+    /// How long a request waits for a destination's first policy before a 503.
+    #[arg(long, env = "TRELLIS_DISCOVERY_WAIT", default_value = "3s", value_parser = parse_duration)]
+    pub discovery_wait: Duration,
+    /// Destinations unused for this long are dropped from the discovery cache.
+    #[arg(long, env = "TRELLIS_DISCOVERY_IDLE", default_value = "60s", value_parser = parse_duration)]
+    pub discovery_idle: Duration,
+    /// The largest request head accepted; larger ones get 431.
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// The largest request body copied to a mirror; larger requests are not mirrored.
+    #[arg(long, env = "TRELLIS_MIRROR_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub mirror_max_body_bytes: usize,
+    /// Upstream connections idle this long are closed.
+    #[arg(long, env = "TRELLIS_POOL_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Worker threads (1 suits a sidecar).
+    #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
+    /// Log filter, e.g. `info` or `trellis_proxy=debug,info`.
+    #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--opaque-ports: {0}")]
+    Ports(String),
+    #[error("--worker-threads must be at least 1")]
+    Workers,
+    #[error("--controller-addr {0:?} must be host:port")]
+    Controller(String),
+    #[error("--namespace must not be empty")]
+    Namespace,
+    #[error("--max-header-bytes must be at least 1024")]
+    HeaderBytes,
+}
+
+/// The validated settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub args: Args,
+    pub opaque_ports: PortSet,
+}
+
+impl Args {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let opaque_ports = PortSet::parse(&self.opaque_ports).map_err(ConfigError::Ports)?;
+        if self.worker_threads == 0 {
+            return Err(ConfigError::Workers);
+        }
+        match self.controller_addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(ConfigError::Controller(self.controller_addr.clone())),
+        }
+        if self.namespace.is_empty() {
+            return Err(ConfigError::Namespace);
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(ConfigError::HeaderBytes);
+        }
+        Ok(Config {
+            args: self,
+            opaque_ports,
+        })
+    }
+}
+
+/// A set of TCP ports from a comma list with ranges: `25,8000-8100`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortSet(Vec<(u16, u16)>);
+
+impl PortSet {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut ranges = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let port = |p: &str| {
+                p.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{part:?} is not a port or a range of ports"))
+            };
+            let (lo, hi) = (port(lo)?, port(hi)?);
+            if lo > hi {
+                return Err(format!("{part:?} is an empty range"));
+            }
+            ranges.push((lo, hi));
+        }
+        Ok(PortSet(ranges))
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| lo <= port && port <= hi)
+    }
+}
+
+/// Durations as `250ms`, `5s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?} is not a duration like 500ms, 5s or 2m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_sets() {
+        let set = PortSet::parse(" 25, 8000-8100 ,9090").unwrap();
+        for (port, inside) in [(25, true), (8000, true), (8050, true), (8100, true), (8101, false), (9090, true), (26, false)] {
+            assert_eq!(set.contains(port), inside, "{port}");
+        }
+        assert_eq!(PortSet::parse(""), Ok(PortSet::default()));
+        for bad in ["0", "70000", "a", "10-5", "5-", "1,,x"] {
+            assert!(PortSet::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "5h", "1.5s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
