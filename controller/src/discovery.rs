@@ -1,0 +1,371 @@
+//! The discovery server: streams each proxy the outbound policy of the destinations it asks
+//! about, as documented in [`trellis_api::discovery`].
+//!
+//! One task per stream waits for the index to change, recomputes that stream's policy and
+//! sends it only when it differs from the last one sent, so an unrelated change costs each
+//! stream one lookup and no bytes on the wire.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
+use trellis_api::policy::OutboundPolicy;
+
+use crate::index::Index;
+
+/// How long shutdown waits for connections to close after their streams ended.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A proxy holds one stream per destination it uses, all on one connection: the h2 default
+/// (a few hundred) would stall a busy proxy's new destinations.
+const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+/// Pings find proxies that vanished without closing the connection (node loss), whose stream
+/// tasks would otherwise wait forever.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// What the server asks of the model; implemented by [`Index`], and by fakes in tests so that
+/// the protocol can be tested apart from the compilation of routes.
+pub trait Policies: Send + Sync + 'static {
+    fn outbound(&self, client_namespace: &str, target: &Target) -> OutboundPolicy;
+}
+
+impl Policies for Index {
+    fn outbound(&self, client_namespace: &str, target: &Target) -> OutboundPolicy {
+        Index::outbound(self, client_namespace, target)
+    }
+}
+
+/// Serves discovery on `listener` (HTTP/2 with prior knowledge and HTTP/1.1 on the same port)
+/// until `shutdown` completes; then stops accepting, ends every stream and waits a bounded
+/// time for connections to close.
+pub async fn serve<P: Policies>(
+    listener: TcpListener,
+    index: watch::Receiver<Arc<P>>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE);
+    let builder = Arc::new(builder);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let conn = serve_connection(builder.clone(), stream, index.clone(), stop_rx.clone());
+                    connections.spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(%peer, "discovery connection ended: {e}");
+                        }
+                    });
+                }
+                // Resource exhaustion (EMFILE…) passes; a tight retry loop would not help it.
+                Err(e) => {
+                    tracing::warn!("discovery: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+
+    drop(listener);
+    stop_tx.send_replace(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "discovery: {} connections still open after {DRAIN_TIMEOUT:?}, closing them",
+            connections.len()
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn serve_connection<P: Policies>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    index: watch::Receiver<Arc<P>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Snapshots are small and latency matters more than packet count.
+    stream.set_nodelay(true)?;
+    let stream_stop = stop.clone();
+    let service = service_fn(move |req| {
+        let response = handle(req, &index, &stream_stop);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => return res,
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+    // Streams end on their own (they watch `stop` too); this sends GOAWAY and lets them finish.
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+fn handle<P: Policies>(
+    req: Request<Incoming>,
+    index: &watch::Receiver<Arc<P>>,
+    stop: &watch::Receiver<bool>,
+) -> Response<ResponseBody> {
+    if req.uri().path() != OUTBOUND_PATH {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no such path {:?}; try {OUTBOUND_PATH}", req.uri().path()),
+        );
+    }
+    if req.method() != Method::GET {
+        let mut response = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{OUTBOUND_PATH} only answers GET"),
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
+        return response;
+    }
+    let (namespace, target) = match parse_query(req.uri().query().unwrap_or_default()) {
+        Ok(params) => params,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+
+    let mut index = index.clone();
+    let snapshot = index.borrow_and_update().clone();
+    let policy = snapshot.outbound(&namespace, &target);
+    drop(snapshot);
+    // One slot: a proxy that reads slowly makes its task wait, and the changes made meanwhile
+    // collapse into one snapshot instead of queueing.
+    let (tx, rx) = mpsc::channel(1);
+    let Some(first) = encode(&policy) else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the policy".to_string(),
+        );
+    };
+    // The channel is new and empty, so the first snapshot goes out with the headers.
+    let _ = tx.try_send(first);
+    tracing::debug!(%namespace, %target, "discovery stream opened");
+    tokio::spawn(stream_updates(
+        index,
+        namespace,
+        target,
+        policy,
+        tx,
+        stop.clone(),
+    ));
+
+    let mut response = Response::new(ResponseBody::Stream(rx));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(NDJSON),
+    );
+    response
+}
+
+/// Sends the stream's policy each time the index changes it, until the client goes away or the
+/// server stops. If the index loses its writer the stream stays open on the last state: ending
+/// it would only make every proxy reconnect to the same answer.
+async fn stream_updates<P: Policies>(
+    mut index: watch::Receiver<Arc<P>>,
+    namespace: String,
+    target: Target,
+    mut last: OutboundPolicy,
+    tx: mpsc::Sender<Bytes>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let writer_alive = tokio::select! {
+            changed = index.changed() => changed.is_ok(),
+            () = tx.closed() => break,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        if !writer_alive {
+            tokio::select! {
+                () = tx.closed() => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+            break;
+        }
+        let snapshot = index.borrow_and_update().clone();
+        let policy = snapshot.outbound(&namespace, &target);
+        drop(snapshot);
+        if policy == last {
+            continue;
+        }
+        let Some(line) = encode(&policy) else { break };
+        tokio::select! {
+            sent = tx.send(line) => if sent.is_err() { break },
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+        last = policy;
+    }
+    tracing::debug!(%namespace, %target, "discovery stream closed");
+}
+
+fn encode(policy: &OutboundPolicy) -> Option<Bytes> {
+    match serde_json::to_vec(policy) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            Some(Bytes::from(line))
+        }
+        Err(e) => {
+            tracing::error!("cannot encode an outbound policy: {e}");
+            None
+        }
+    }
+}
+
+/// Reads `namespace` and `target`; the error is the message of the 400 answer.
+pub fn parse_query(query: &str) -> Result<(String, Target), String> {
+    let (mut namespace, mut target) = (None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_encoding::percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| format!("parameter {key:?} is not valid UTF-8"))?
+            .into_owned();
+        let slot = match key {
+            "namespace" => &mut namespace,
+            "target" => &mut target,
+            _ => continue,
+        };
+        if slot.replace(value).is_some() {
+            return Err(format!("parameter {key:?} is given twice"));
+        }
+    }
+    let namespace = namespace.ok_or("missing parameter \"namespace\" (the client's namespace)")?;
+    if !is_dns_label(&namespace) {
+        return Err(format!(
+            "namespace {namespace:?} is not a valid namespace name"
+        ));
+    }
+    let target = target.ok_or("missing parameter \"target\" (host:port or ip:port)")?;
+    let target = target.parse::<Target>().map_err(|e| e.to_string())?;
+    Ok((namespace, target))
+}
+
+fn is_dns_label(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn error(status: StatusCode, message: String) -> Response<ResponseBody> {
+    let body = serde_json::to_vec(&ErrorBody { error: message }).unwrap_or_default();
+    let mut response = Response::new(ResponseBody::Full(Some(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An error document, or the stream of snapshots fed by a stream task.
+#[derive(Debug)]
+pub enum ResponseBody {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ResponseBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBody::Stream(rx) => rx
+                .poll_recv(cx)
+                .map(|line| line.map(|l| Ok(Frame::data(l)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ResponseBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full(Some(data)) => SizeHint::with_exact(data.len() as u64),
+            ResponseBody::Full(None) => SizeHint::with_exact(0),
+            ResponseBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters() {
+        let ok = parse_query("namespace=shop&target=web.shop%3A80&other=1").unwrap();
+        assert_eq!(ok, ("shop".to_string(), "web.shop:80".parse().unwrap()));
+        let ok = parse_query("target=%5Bfd00%3A%3A1%5D%3A8080&namespace=default").unwrap();
+        assert_eq!(ok.1, "[fd00::1]:8080".parse().unwrap());
+
+        let cases = [
+            (
+                "",
+                "missing parameter \"namespace\" (the client's namespace)",
+            ),
+            (
+                "namespace=shop",
+                "missing parameter \"target\" (host:port or ip:port)",
+            ),
+            (
+                "namespace=Shop&target=a:1",
+                "namespace \"Shop\" is not a valid namespace name",
+            ),
+            (
+                "namespace=a&namespace=b&target=a:1",
+                "parameter \"namespace\" is given twice",
+            ),
+            (
+                "namespace=a&target=web",
+                "target \"web\" has no port: expected host:port or ip:port",
+            ),
+            (
+                "namespace=a&target=%FF:80",
+                "parameter \"target\" is not valid UTF-8",
+            ),
+        ];
+        for (query, want) in cases {
+            assert_eq!(parse_query(query).unwrap_err(), want, "{query}");
+        }
+    }
+}
