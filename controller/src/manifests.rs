@@ -2,15 +2,13 @@
 //! prints or what one would `kubectl apply`), read into the same [`Objects`] the cluster
 //! watches produce, so that the model cannot tell the two sources apart.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use k8s_openapi::api::core::v1::Service;
 use serde_json::Value;
 
 use crate::objects::Objects;
@@ -168,62 +166,8 @@ pub fn load_dir(dir: &Path) -> Result<Objects, LoadError> {
         loader.load_file(&path, &text)?;
     }
     let mut objects = loader.objects;
-    assign_cluster_ips(&mut objects.services);
+    objects.assign_cluster_ips();
     Ok(objects)
-}
-
-/// Gives every Service that would get a cluster IP from the API server, but was written without
-/// one, an address in 10.96.0.0/16: FNV-1a of `namespace/name` picks it, the next free address
-/// replaces a taken one or one ending in .0 or .255. Written addresses are reserved first and
-/// Services are served in name order, so the result is the same on every run and reload,
-/// whatever the file order: `explain` output and `--to <cluster IP>` stay valid.
-fn assign_cluster_ips(services: &mut [Service]) {
-    let wants_ip = |svc: &Service| {
-        svc.spec.as_ref().is_none_or(|spec| {
-            spec.type_.as_deref() != Some("ExternalName")
-                && spec.cluster_ip.as_deref().is_none_or(str::is_empty)
-                && spec.cluster_ips.as_ref().is_none_or(Vec::is_empty)
-        })
-    };
-    let mut taken: HashSet<Ipv4Addr> = services
-        .iter()
-        .filter_map(|svc| svc.spec.as_ref())
-        .flat_map(|spec| spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip))
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
-    let mut pending: Vec<&mut Service> = services.iter_mut().filter(|s| wants_ip(s)).collect();
-    let key = |svc: &Service| {
-        let meta = &svc.metadata;
-        format!(
-            "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        )
-    };
-    pending.sort_by_key(|svc| key(svc));
-    for svc in pending {
-        let mut low = fnv1a(key(svc).as_bytes()) as u16;
-        // 65536 candidates, at most 512 of them excluded: a free one exists unless the range
-        // holds more Services than any local directory will.
-        for _ in 0..=u16::MAX {
-            let [third, fourth] = low.to_be_bytes();
-            let ip = Ipv4Addr::new(10, 96, third, fourth);
-            if fourth != 0 && fourth != 255 && taken.insert(ip) {
-                let spec = svc.spec.get_or_insert_with(Default::default);
-                spec.cluster_ip = Some(ip.to_string());
-                spec.cluster_ips = Some(vec![ip.to_string()]);
-                break;
-            }
-            low = low.wrapping_add(1);
-        }
-    }
-}
-
-/// 32-bit FNV-1a: tiny, and stable across Rust releases, unlike the standard hasher.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
 }
 
 /// What changes when a manifest file is added, removed or rewritten. Comparing two of these is

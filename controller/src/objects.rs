@@ -5,6 +5,8 @@ use gateway_api::experimental::grpcroutes::GrpcRoute;
 use gateway_api::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 
 /// Every object the model reads. Routes are read with the experimental channel's types, a
 /// superset of the standard ones, so that `retry` and other experimental fields are kept.
@@ -17,62 +19,64 @@ pub struct Objects {
     pub grpc_routes: Vec<GrpcRoute>,
 }
 
-/// The range local mode allocates cluster IPs from: the usual default of a cluster's Service CIDR.
-const LOCAL_SERVICE_NET: [u8; 2] = [10, 96];
-
 impl Objects {
-    /// Gives every Service that needs a cluster IP and has none a stable one, as the API server
-    /// would. Local manifests are usually written without `clusterIP`; deriving it from the
-    /// Service's name keeps it the same across reloads and runs.
+    /// Gives every Service that would get a cluster IP from the API server, but was written without
+    /// one, an address in 10.96.0.0/16: FNV-1a of `namespace/name` picks it, the next free address
+    /// replaces a taken one or one ending in .0 or .255. Written addresses are reserved first and
+    /// Services are served in name order, so the result is the same on every run and reload,
+    /// whatever the file order: `explain` output and `--to <cluster IP>` stay valid.
     pub fn assign_cluster_ips(&mut self) {
-        use std::collections::HashSet;
-        use std::net::Ipv4Addr;
+        assign_cluster_ips(&mut self.services);
+    }
+}
 
-        let needs_ip = |svc: &Service| {
-            let spec = svc.spec.as_ref();
-            let ty = spec.and_then(|s| s.type_.as_deref()).unwrap_or("ClusterIP");
-            let ip = spec.and_then(|s| s.cluster_ip.as_deref()).unwrap_or("");
-            ty != "ExternalName" && ip.is_empty()
-        };
-        let mut taken: HashSet<String> = self
-            .services
-            .iter()
-            .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
-            .collect();
-        let mut order: Vec<usize> = (0..self.services.len())
-            .filter(|&i| needs_ip(&self.services[i]))
-            .collect();
-        let key = |s: &Service| {
-            format!(
-                "{}/{}",
-                s.metadata.namespace.as_deref().unwrap_or("default"),
-                s.metadata.name.as_deref().unwrap_or("")
-            )
-        };
-        order.sort_by_key(|&i| key(&self.services[i]));
-        for i in order {
-            // FNV-1a: stable across runs and Rust versions, unlike the std hasher.
-            let mut h: u32 = 0x811c_9dc5;
-            for b in key(&self.services[i]).bytes() {
-                h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+fn assign_cluster_ips(services: &mut [Service]) {
+    let wants_ip = |svc: &Service| {
+        svc.spec.as_ref().is_none_or(|spec| {
+            spec.type_.as_deref() != Some("ExternalName")
+                && spec.cluster_ip.as_deref().is_none_or(str::is_empty)
+                && spec.cluster_ips.as_ref().is_none_or(Vec::is_empty)
+        })
+    };
+    let mut taken: HashSet<Ipv4Addr> = services
+        .iter()
+        .filter_map(|svc| svc.spec.as_ref())
+        .flat_map(|spec| spec.cluster_ips.iter().flatten().chain(&spec.cluster_ip))
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let mut pending: Vec<&mut Service> = services.iter_mut().filter(|s| wants_ip(s)).collect();
+    let key = |svc: &Service| {
+        let meta = &svc.metadata;
+        format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        )
+    };
+    pending.sort_by_key(|svc| key(svc));
+    for svc in pending {
+        let mut low = fnv1a(key(svc).as_bytes()) as u16;
+        // 65536 candidates, at most 512 of them excluded: a free one exists unless the range
+        // holds more Services than any local directory will.
+        for _ in 0..=u16::MAX {
+            let [third, fourth] = low.to_be_bytes();
+            let ip = Ipv4Addr::new(10, 96, third, fourth);
+            if fourth != 0 && fourth != 255 && taken.insert(ip) {
+                let spec = svc.spec.get_or_insert_with(Default::default);
+                spec.cluster_ip = Some(ip.to_string());
+                spec.cluster_ips = Some(vec![ip.to_string()]);
+                break;
             }
-            let mut n = h & 0xffff;
-            let ip = loop {
-                // Skip the network and broadcast-like addresses .0 and .255.
-                let [hi, lo] = u16::try_from(n).unwrap_or(1).to_be_bytes();
-                let candidate =
-                    Ipv4Addr::new(LOCAL_SERVICE_NET[0], LOCAL_SERVICE_NET[1], hi, lo).to_string();
-                if lo != 0 && lo != 255 && !taken.contains(&candidate) {
-                    break candidate;
-                }
-                n = (n + 1) & 0xffff;
-            };
-            taken.insert(ip.clone());
-            let spec = self.services[i].spec.get_or_insert_with(Default::default);
-            spec.cluster_ip = Some(ip.clone());
-            spec.cluster_ips = Some(vec![ip]);
+            low = low.wrapping_add(1);
         }
     }
+}
+
+/// 32-bit FNV-1a: tiny, and stable across Rust releases, unlike the standard hasher.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[cfg(test)]
