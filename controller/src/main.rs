@@ -28,7 +28,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::main(args),
-        Command::Check(args) => check::main(args),
-        Command::Explain(args) => explain::main(args),
+        Command::Check(args) => {
+            warnings_to_stderr();
+            check::main(args)
+        }
+        Command::Explain(args) => {
+            warnings_to_stderr();
+            explain::main(args)
+        }
     }
+}
+
+/// The offline tools print their answer on stdout; what the loader skips (an object with an
+/// apiVersion Trellis does not read, say) is worth a line on stderr.
+fn warnings_to_stderr() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
 }

@@ -488,3 +488,34 @@ spec:
     let msg = &s.parents[0].condition("PartiallyInvalid").unwrap().message;
     assert!(msg.contains("backendRequest"), "{msg}");
 }
+
+#[test]
+fn a_route_whose_rules_are_all_broken_is_not_accepted_but_answers_500() {
+    let rules = "    - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Auth, name: a}}]\n      backendRefs: [{name: api, port: 80}]";
+    let idx = index(&route(
+        "ext",
+        "shop",
+        "{group: '', kind: Service, name: web}",
+        rules,
+    ));
+    let accepted = status(&idx, "ext").parents[0]
+        .condition("Accepted")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (accepted.status, accepted.reason),
+        (false, "UnsupportedValue")
+    );
+    assert!(
+        accepted.message.contains("ExtensionRef"),
+        "{}",
+        accepted.message
+    );
+    // The filter is never skipped: the request is refused rather than passed through.
+    let e = ask(&idx, "shop", "web", "/");
+    assert_eq!(e.routing, "HTTPRoute");
+    assert!(
+        matches!(e.answer, Answer::Error { status: 500, .. }),
+        "{e:#?}"
+    );
+}

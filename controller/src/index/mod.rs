@@ -96,8 +96,11 @@ impl Index {
             let mut parents = Vec::new();
             for p in route.parents.iter().filter(|p| is_service_parent(p)) {
                 let attachment = attach(p, &route.id.namespace, &services);
+                // A route whose rules are all broken is not Accepted, yet still attached: the
+                // requests its matches catch get a 500 instead of passing through without the
+                // filter their author asked for.
                 if let Ok((svc, ports)) = &attachment
-                    && route.valid_rules > 0
+                    && route.has_rules()
                 {
                     // Producer routes live in the Service's namespace; any other is a consumer
                     // route of its own namespace.
@@ -276,10 +279,10 @@ fn attach(p: &HttpRouteParentRefs, route_ns: &str, services: &Services) -> Attac
         .collect();
     if ports.is_empty() {
         let wanted = match (p.port, &p.section_name) {
-            (Some(port), Some(s)) => format!("a port {port} named {s:?}"),
+            (Some(port), Some(s)) => format!("port {port} named {s:?}"),
             (Some(port), None) => format!("port {port}"),
-            (None, Some(s)) => format!("a port named {s:?}"),
-            (None, None) => "any TCP port".to_string(),
+            (None, Some(s)) => format!("port named {s:?}"),
+            (None, None) => "TCP port".to_string(),
         };
         return Err((
             reason::NO_MATCHING_PARENT,
@@ -379,7 +382,7 @@ fn route_status(
                     true,
                     reason::UNSUPPORTED_VALUE,
                     format!(
-                        "some rules were dropped: {}",
+                        "some rules cannot be used: {}",
                         route.invalid_rules.join("; ")
                     ),
                 ));

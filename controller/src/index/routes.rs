@@ -51,6 +51,14 @@ pub enum WireRoute {
 }
 
 impl CompiledRoute {
+    /// Whether any rule reaches the proxy (valid, or answering 500 because it is broken).
+    pub fn has_rules(&self) -> bool {
+        match &self.wire {
+            WireRoute::Http(r) => !r.rules.is_empty(),
+            WireRoute::Grpc(r) => !r.rules.is_empty(),
+        }
+    }
+
     /// Precedence across routes: oldest first; routes without a creation time (local
     /// manifests) after those with one; then by namespace/name.
     pub fn order_key(&self) -> (bool, Option<Time>, &ObjectRef) {
