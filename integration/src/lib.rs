@@ -1,1 +1,380 @@
+//! The harness of the end-to-end tests: the real binaries as child processes (killed on drop,
+//! their logs kept for failure messages) and a small echo app.
+//!
+//! Without network namespaces, "pods" are loopback addresses (`127.0.X.Y`): each pod's app
+//! and sidecar bind that address, so several sidecars use the standard ports side by side.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// A binary of the workspace, built next to the running test (`target/debug`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build --workspace --bins` before the integration tests",
+        bin.display()
+    );
+    bin
+}
+
+/// A child process whose stderr is collected; killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    lines: Mutex<mpsc::Receiver<String>>,
+}
+
+impl Process {
+    pub fn spawn(mut cmd: Command) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let shared = log.clone();
+        // Drain stderr for the child's whole life: a full pipe would block its logging.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                shared.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = tx.send(line);
+            }
+        });
+        Process {
+            child,
+            log,
+            lines: Mutex::new(lines),
+        }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let lines = self.lines.lock().unwrap();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no log line with {needle:?} within {within:?}; log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The address in a `listening on ADDR` log line.
+fn listening_addr(line: &str) -> SocketAddr {
+    let at = line.find("listening on ").unwrap() + "listening on ".len();
+    let addr: String = line[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    addr.trim_end_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap()
+}
+
+/// `trellis-controller serve` in local mode.
+#[derive(Debug)]
+pub struct Controller {
+    pub process: Process,
+    pub addr: SocketAddr,
+}
+
+impl Controller {
+    pub fn start(manifests: &Path) -> Controller {
+        Self::start_on(manifests, "127.0.0.1:0".parse().unwrap())
+    }
+
+    pub fn start_on(manifests: &Path, addr: SocketAddr) -> Controller {
+        let mut cmd = Command::new(binary("trellis-controller"));
+        cmd.arg("serve")
+            .arg("--manifests")
+            .arg(manifests)
+            .arg("--discovery-addr")
+            .arg(addr.to_string())
+            .env_remove("TRELLIS_TRUST_DOMAIN")
+            .env_remove("TRELLIS_CLUSTER_DOMAIN")
+            .env("TRELLIS_LOG", "info");
+        let process = Process::spawn(cmd);
+        let line = process.wait_for_log("listening on", Duration::from_secs(10));
+        Controller {
+            addr: listening_addr(&line),
+            process,
+        }
+    }
+}
+
+/// `trellis-proxy run` for a pod at `ip` in `namespace`: outbound `ip:4140`, inbound
+/// `ip:4143`, admin `ip:4191`, delivering inbound traffic to the app at `ip`.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub process: Process,
+    pub ip: IpAddr,
+}
+
+impl Sidecar {
+    pub fn start(ip: IpAddr, namespace: &str, controller: SocketAddr, extra: &[&str]) -> Sidecar {
+        let mut cmd = Command::new(binary("trellis-proxy"));
+        cmd.arg("run")
+            .args(["--outbound-addr", &format!("{ip}:4140")])
+            .args(["--inbound-addr", &format!("{ip}:4143")])
+            .args(["--admin-addr", &format!("{ip}:4191")])
+            .args(["--app-host", &ip.to_string()])
+            .args(["--controller-addr", &controller.to_string()])
+            .args(["--namespace", namespace])
+            .args(extra)
+            .env("TRELLIS_LOG", "info");
+        let process = Process::spawn(cmd);
+        let sidecar = Sidecar { process, ip };
+        sidecar.wait_ready(Duration::from_secs(10));
+        sidecar
+    }
+
+    pub fn outbound(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, 4140)
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, 4191)
+    }
+
+    fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(mut s) =
+                std::net::TcpStream::connect_timeout(&self.admin(), Duration::from_millis(200))
+            {
+                use std::io::{Read, Write};
+                let _ =
+                    s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "sidecar at {} not ready within {within:?}; log:\n{}",
+            self.ip,
+            self.process.log()
+        );
+    }
+
+    /// The admin server's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let client = http1_client();
+        let res = client
+            .request(
+                Request::get(format!("http://{}/metrics", self.admin()))
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+}
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn empty() -> TestBody {
+    Full::new(Bytes::new()).boxed()
+}
+
+pub fn body(s: impl Into<Bytes>) -> TestBody {
+    Full::new(s.into()).boxed()
+}
+
+/// A pooled HTTP/1.1 client (keep-alive: one connection reused when requests are sequential).
+pub fn http1_client()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>
+{
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge client: every request is a stream on one connection.
+pub fn http2_client()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, TestBody>
+{
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// What the echo app saw of a request: its answer body, as JSON.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct Echoed {
+    pub pod: String,
+    pub method: String,
+    pub path: String,
+    pub version: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body_len: usize,
+}
+
+impl Echoed {
+    /// Values of a header, joined with `,` as the conformance suite compares them.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|v| v.join(","))
+    }
+}
+
+/// An app that answers every request with what it saw (HTTP/1.1 and HTTP/2). Query parameters
+/// steer it: `status=503`, `delay_ms=200`, `header=name:value`.
+#[derive(Debug)]
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start(addr: SocketAddr, pod: &str) -> Echo {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (pod, count) = (pod.to_string(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (pod, count) = (pod.clone(), count.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (pod, count) = (pod.clone(), count.clone());
+                        async move { Ok::<_, Infallible>(echo(&pod, &count, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Echo {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn echo(pod: &str, count: &AtomicUsize, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    count.fetch_add(1, Ordering::SeqCst);
+    let query: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in req.headers() {
+        headers
+            .entry(name.as_str().to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let (parts, body) = req.into_parts();
+    let body_len = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let echoed = Echoed {
+        pod: pod.to_string(),
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        version: format!("{:?}", parts.version),
+        headers,
+        body_len,
+    };
+    let mut res = Response::new(Full::new(Bytes::from(serde_json::to_vec(&echoed).unwrap())));
+    res.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    for (k, v) in &query {
+        match k.as_str() {
+            "status" => *res.status_mut() = StatusCode::from_u16(v.parse().unwrap()).unwrap(),
+            "delay_ms" => tokio::time::sleep(Duration::from_millis(v.parse().unwrap())).await,
+            "header" => {
+                if let Some((n, val)) = v.split_once(':') {
+                    res.headers_mut().append(
+                        http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                        val.parse().unwrap(),
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    if parts
+        .headers
+        .get("content-type")
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"))
+    {
+        res.headers_mut()
+            .insert("grpc-status", "0".parse().unwrap());
+    }
+    res
+}

@@ -51,9 +51,17 @@ impl EndpointState {
         }
     }
 
+    /// The estimate decays towards zero while an endpoint gets no answers, so one that lost
+    /// to a faster peer is tried again after a while instead of never.
     fn cost(&self) -> f64 {
+        self.cost_at(now_ns())
+    }
+
+    fn cost_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
-        rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+        let idle = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
+        let decayed = rtt * (-idle / DECAY.as_nanos() as f64).exp();
+        decayed * f64::from(self.pending.load(Ordering::Relaxed) + 1)
     }
 
     fn observe(&self, rtt: Duration) {
@@ -149,7 +157,9 @@ impl Balancer {
                 if Some(eb.addr) == avoid {
                     return Some(ea);
                 }
-                Some(if eb.cost() < ea.cost() { eb } else { ea })
+                // Costs within 1 % are a tie, won by the first draw: endpoints set up together
+                // differ by microseconds of decay, which must not order them for good.
+                Some(if eb.cost() < ea.cost() * 0.99 { eb } else { ea })
             }
         }
     }
@@ -217,7 +227,9 @@ mod tests {
         }
         slow.observe(Duration::from_millis(200));
         let b = Balancer::new(vec![fast.clone(), slow.clone()]);
-        let picks_fast = (0..1000).filter(|_| b.pick().unwrap().addr.port() == 1).count();
+        let picks_fast = (0..1000)
+            .filter(|_| b.pick().unwrap().addr.port() == 1)
+            .count();
         // With two endpoints, P2C compares both every time: the cheaper one always wins.
         assert_eq!(picks_fast, 1000);
         // Load moves the choice: many requests in flight make the fast one costlier.
@@ -248,6 +260,15 @@ mod tests {
         for _ in 0..200 {
             assert_ne!(b.pick_excluding(Some(avoid)).unwrap().addr, avoid);
         }
+    }
+
+    #[test]
+    fn an_idle_endpoint_becomes_cheaper_over_time() {
+        let e = ep(1);
+        let stamp = e.stamp_ns.load(Ordering::Relaxed);
+        let fresh = e.cost_at(stamp);
+        let later = e.cost_at(stamp + DECAY.as_nanos() as u64);
+        assert!(later < fresh * 0.4, "{later} vs {fresh}");
     }
 
     #[test]

@@ -167,7 +167,15 @@ mod tests {
     #[test]
     fn port_sets() {
         let set = PortSet::parse(" 25, 8000-8100 ,9090").unwrap();
-        for (port, inside) in [(25, true), (8000, true), (8050, true), (8100, true), (8101, false), (9090, true), (26, false)] {
+        for (port, inside) in [
+            (25, true),
+            (8000, true),
+            (8050, true),
+            (8100, true),
+            (8101, false),
+            (9090, true),
+            (26, false),
+        ] {
             assert_eq!(set.contains(port), inside, "{port}");
         }
         assert_eq!(PortSet::parse(""), Ok(PortSet::default()));

@@ -1,9 +1,22 @@
 //! The Trellis sidecar proxy.
 //!
-//! One module per concern, named after the domain: `config` (settings), `policy` (compiled
-//! discovery snapshots), `balance` (endpoint choice), `init` (the pod's traffic redirection).
+//! One module per concern, named after the domain: the two traffic directions (`outbound`,
+//! `inbound`), what they share (`detect`, `http`, `tcp`, `hop` — the single place where a
+//! connection to an endpoint is made), what decides where requests go (`discovery`, `policy`,
+//! `balance`), and the rest of the sidecar (`admin`, `metrics`, `config`, `run`, `init`).
 
+pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod hop;
+pub mod http;
+pub mod inbound;
 pub mod init;
+pub mod metrics;
+pub mod outbound;
 pub mod policy;
+pub mod proxy;
+pub mod run;
+pub mod tcp;

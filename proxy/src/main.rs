@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use trellis_proxy::init;
+use trellis_proxy::{config, init, run};
 
 /// The Trellis sidecar: intercepts a pod's traffic and applies the mesh's routes to it.
 #[derive(Debug, Parser)]
@@ -17,19 +17,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar (outbound :4140, inbound :4143, admin :4191).
-    Run,
+    Run(Box<config::Args>),
     /// Program the pod's iptables so its TCP traffic goes through the sidecar.
     Init(init::Args),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run => {
-            eprintln!(
-                "error: the sidecar data plane (trellis-proxy run) is not available in this release of Trellis"
-            );
-            ExitCode::from(2)
-        }
+        Command::Run(args) => run::main(*args),
         Command::Init(args) => init::main(args),
     }
 }

@@ -33,13 +33,17 @@ pub struct Policy {
 #[derive(Debug)]
 pub enum PolicyKind {
     /// Not a Service: forward unrouted; `identity` says whether the peer is meshed.
-    Forward { identity: Option<Identity> },
-    Service(ServiceRoutes),
+    Forward {
+        identity: Option<Identity>,
+    },
+    Service(Box<ServiceRoutes>),
 }
 
 #[derive(Debug)]
 pub struct ServiceRoutes {
     pub service: ObjectRef,
+    /// `namespace/name:port`, for metrics.
+    pub label: Arc<str>,
     pub port: u16,
     pub app_protocol: Option<String>,
     pub routing: Routing,
@@ -82,9 +86,10 @@ impl<M> RouteSet<M> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RouteLabels {
     pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
-    pub rule: String,
+    /// `namespace/name`.
+    pub route: Arc<str>,
+    /// The rule's name, or its index.
+    pub rule: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -160,7 +165,7 @@ pub enum Target {
         service: ObjectRef,
         port: u16,
         /// `namespace/name:port`, built once for metrics.
-        label: String,
+        label: Arc<str>,
         /// The upstream speaks HTTP/2 (gRPC or an `h2c` appProtocol).
         http2: bool,
         balancer: Balancer,
@@ -192,12 +197,13 @@ impl Policy {
                         rules: compile_rules(routes, true, endpoints)?,
                     }),
                 };
-                PolicyKind::Service(ServiceRoutes {
+                PolicyKind::Service(Box::new(ServiceRoutes {
+                    label: Arc::from(format!("{}:{}", svc.service, svc.port)),
                     service: svc.service.clone(),
                     port: svc.port,
                     app_protocol: svc.app_protocol.clone(),
                     routing,
-                })
+                }))
             }
         };
         Ok(Policy { snapshot, kind })
@@ -229,12 +235,10 @@ fn compile_rules<M>(
                     Ok(Arc::new(Rule {
                         labels: RouteLabels {
                             kind: route.kind.as_str(),
-                            namespace: route.id.namespace.clone(),
-                            name: route.id.name.clone(),
-                            rule: rule
-                                .name
-                                .clone()
-                                .unwrap_or_else(|| rule.index.to_string()),
+                            route: Arc::from(route.id.to_string()),
+                            rule: Arc::from(
+                                rule.name.clone().unwrap_or_else(|| rule.index.to_string()),
+                            ),
                         },
                         filters,
                         backends: Backends::new(backends),
@@ -295,7 +299,7 @@ fn compile_backend(
             app_protocol,
             endpoints: eps,
         } => Target::Service {
-            label: format!("{service}:{port}"),
+            label: Arc::from(format!("{service}:{port}")),
             service: service.clone(),
             port: *port,
             http2: grpc || is_http2(app_protocol.as_deref()),
@@ -359,10 +363,14 @@ mod tests {
     fn weighted_picks_follow_weights_and_skip_zero() {
         let reg = EndpointRegistry::default();
         let b = Backends::new(
-            [backend("a", 70, &[1]), backend("z", 0, &[2]), backend("b", 30, &[3])]
-                .iter()
-                .map(|b| compile_backend(b, false, &reg).unwrap())
-                .collect(),
+            [
+                backend("a", 70, &[1]),
+                backend("z", 0, &[2]),
+                backend("b", 30, &[3]),
+            ]
+            .iter()
+            .map(|b| compile_backend(b, false, &reg).unwrap())
+            .collect(),
         );
         let mut a = 0;
         for _ in 0..10_000 {
@@ -373,7 +381,9 @@ mod tests {
             }
         }
         assert!((6700..=7300).contains(&a), "{a}");
-        let none = Backends::new(vec![compile_backend(&backend("z", 0, &[1]), false, &reg).unwrap()]);
+        let none = Backends::new(vec![
+            compile_backend(&backend("z", 0, &[1]), false, &reg).unwrap(),
+        ]);
         assert!(none.pick().is_none());
     }
 
@@ -416,7 +426,7 @@ mod tests {
         };
         let req = http::Request::new(());
         let sel = set.select(&RequestHead::from(&req)).unwrap();
-        assert_eq!(sel.rule.labels.rule, "3");
+        assert_eq!(&*sel.rule.labels.rule, "3");
         assert_eq!(sel.prefix, Some("/"));
     }
 }

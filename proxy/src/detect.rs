@@ -1,0 +1,240 @@
+//! Protocol detection: what a connection speaks, from its first bytes.
+//!
+//! The bytes read are kept and replayed by [`Prefixed`], so the server that takes the
+//! connection sees it from its first byte.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// What a connection's first bytes say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (the client preface), as gRPC clients and proxies speak.
+    Http2,
+    /// A TLS ClientHello.
+    Tls,
+    /// Anything else, or silence until the timeout (a server-speaks-first protocol).
+    Opaque,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http/1",
+            Protocol::Http2 => "h2",
+            Protocol::Tls => "tls",
+            Protocol::Opaque => "opaque",
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+/// Enough for the preface and any method; detection never reads more.
+const MAX_PEEK: usize = 64;
+
+/// Classifies what has been read so far, or `None` while more bytes could change the answer.
+pub fn classify(buf: &[u8]) -> Option<Protocol> {
+    if buf.is_empty() {
+        return None;
+    }
+    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
+        return Some(Protocol::Http2);
+    }
+    if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
+        return None;
+    }
+    if buf[0] == 0x16 {
+        // A TLS record of type handshake; the version bytes follow.
+        return match buf.get(1) {
+            None => None,
+            Some(3) => Some(Protocol::Tls),
+            Some(_) => Some(Protocol::Opaque),
+        };
+    }
+    for m in METHODS {
+        if buf.starts_with(m) {
+            return Some(Protocol::Http1);
+        }
+        if buf.len() < m.len() && m.starts_with(buf) {
+            return None;
+        }
+    }
+    Some(Protocol::Opaque)
+}
+
+/// Reads from `io` into `buf` until the protocol is clear, `timeout` passes or the peer closes.
+pub async fn detect<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> io::Result<Protocol> {
+    let read_until_clear = async {
+        loop {
+            if let Some(p) = classify(buf) {
+                return Ok(p);
+            }
+            if buf.len() >= MAX_PEEK {
+                return Ok(Protocol::Opaque);
+            }
+            buf.reserve(MAX_PEEK - buf.len());
+            if io.read_buf(buf).await? == 0 {
+                return Ok(classify(buf).unwrap_or(Protocol::Opaque));
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read_until_clear).await {
+        Ok(result) => result,
+        Err(_) => Ok(classify(buf).unwrap_or(Protocol::Opaque)),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O that first yields bytes already read from it.
+    #[derive(Debug)]
+    pub struct Prefixed<T> {
+        prefix: BytesMut,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Prefixed<T> {
+    pub fn new(prefix: BytesMut, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(out.remaining());
+            out.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, out)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, b)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        let cases: &[(&[u8], Option<Protocol>)] = &[
+            (b"", None),
+            (b"GET / HTTP/1.1\r\n", Some(Protocol::Http1)),
+            (b"POST /x HTTP/1.0\r\n", Some(Protocol::Http1)),
+            (b"GE", None),
+            (b"PR", None),
+            (
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0",
+                Some(Protocol::Http2),
+            ),
+            (b"PRI * HTTP/2.0\r\n", None),
+            (b"PRI * HTTP/1.1\r\n\r\nSM\r\n\r\n", Some(Protocol::Opaque)),
+            (b"\x16\x03\x01\x02\x00", Some(Protocol::Tls)),
+            (b"\x16", None),
+            (b"\x16\x07", Some(Protocol::Opaque)),
+            (b"*1\r\n$4\r\nPING\r\n", Some(Protocol::Opaque)),
+            (b"get / HTTP/1.1", Some(Protocol::Opaque)),
+            (b"SSH-2.0-OpenSSH", Some(Protocol::Opaque)),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(
+                classify(bytes),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn detects_across_partial_reads_and_replays_the_bytes() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in [&b"PRI * HTTP/2"[..], b".0\r\n\r\nSM\r\n\r\nrest"] {
+                client.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        let mut buf = BytesMut::new();
+        let p = detect(&mut server, &mut buf, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Http2);
+        let _client = writer.await.unwrap();
+        let mut replay = Prefixed::new(buf, server);
+        let mut out = vec![0; H2_PREFACE.len() + 4];
+        replay.read_exact(&mut out).await.unwrap();
+        assert_eq!(&out[..H2_PREFACE.len()], H2_PREFACE);
+        assert_eq!(&out[H2_PREFACE.len()..], b"rest");
+    }
+
+    #[tokio::test]
+    async fn silence_is_opaque_after_the_timeout() {
+        let (_client, mut server) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        let p = detect(&mut server, &mut buf, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(p, Protocol::Opaque);
+        assert!(buf.is_empty());
+    }
+}

@@ -1,0 +1,202 @@
+//! The hop between proxies, and every upstream connection: the one place where a connection to
+//! an endpoint is made, so that mutual TLS wraps it here and nowhere else.
+//!
+//! A meshed endpoint (one with an identity in discovery) is reached at its pod IP on the peer
+//! proxy's inbound port, whatever port the app listens on. The first bytes on the connection are
+//! a preamble naming the app's port, `TRELLIS/1 <port>\r\n`; then HTTP/2 (or the opaque bytes of
+//! a TCP connection) follows. This lets one connection per peer carry every request, and works
+//! with or without iptables on the server's side. Requests for meshed endpoints carry the URI
+//! scheme [`MESH_SCHEME`], which is how the connector tells them apart and keeps their pool
+//! separate.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The URI scheme of requests to meshed endpoints.
+pub const MESH_SCHEME: &str = "trellis";
+const PREAMBLE: &[u8] = b"TRELLIS/1 ";
+const MAX_PREAMBLE: usize = 32;
+/// How long a connection attempt may take before the endpoint counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The preamble that opens a meshed connection for `port`.
+pub fn preamble(port: u16) -> Vec<u8> {
+    format!("TRELLIS/1 {port}\r\n").into_bytes()
+}
+
+/// Reads a preamble if the connection starts with one. `buf` receives every byte read; on
+/// success the preamble is removed from it and the port returned. `Ok(None)` means the
+/// connection does not start with a preamble (its bytes are left in `buf`).
+pub async fn read_preamble<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    timeout: Duration,
+) -> io::Result<Option<u16>> {
+    let read = async {
+        loop {
+            let n = buf.len().min(PREAMBLE.len());
+            if buf[..n] != PREAMBLE[..n] {
+                return Ok(None);
+            }
+            if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+                let port = std::str::from_utf8(&buf[PREAMBLE.len().min(end)..end])
+                    .ok()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| invalid("the mesh preamble names no valid port"))?;
+                buf.advance(end + 2);
+                return Ok(Some(port));
+            }
+            if buf.len() >= MAX_PREAMBLE {
+                return Err(invalid("the mesh preamble is too long"));
+            }
+            buf.reserve(MAX_PREAMBLE);
+            if io.read_buf(buf).await? == 0 {
+                return if buf.is_empty() {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "closed before any byte",
+                    ))
+                } else {
+                    Ok(None)
+                };
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no bytes before the timeout"))?
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Opens a connection to an endpoint: directly for plain ones, through the peer proxy's inbound
+/// port with a preamble for meshed ones.
+pub async fn connect(
+    addr: SocketAddr,
+    meshed: bool,
+    peer_inbound_port: u16,
+) -> io::Result<TcpStream> {
+    let dial = if meshed {
+        SocketAddr::new(addr.ip(), peer_inbound_port)
+    } else {
+        addr
+    };
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dial))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dial} timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    if meshed {
+        stream.write_all(&preamble(addr.port())).await?;
+    }
+    Ok(stream)
+}
+
+/// The connector of the upstream HTTP clients: reads the endpoint and its kind from the URI.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    pub peer_inbound_port: u16,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let peer_port = self.peer_inbound_port;
+        Box::pin(async move {
+            let meshed = uri.scheme_str() == Some(MESH_SCHEME);
+            let addr = uri
+                .authority()
+                .and_then(|a| {
+                    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+                    Some(SocketAddr::new(host.parse().ok()?, a.port_u16()?))
+                })
+                .ok_or_else(|| invalid("upstream URI has no IP:port authority"))?;
+            connect(addr, meshed, peer_port).await.map(TokioIo::new)
+        })
+    }
+}
+
+/// The URI of a request to `addr`, keeping the path and query.
+pub fn upstream_uri(
+    addr: SocketAddr,
+    meshed: bool,
+    path_and_query: Option<&http::uri::PathAndQuery>,
+) -> Result<Uri, http::Error> {
+    let mut builder = Uri::builder()
+        .scheme(if meshed { MESH_SCHEME } else { "http" })
+        .authority(addr.to_string());
+    builder = match path_and_query {
+        Some(pq) => builder.path_and_query(pq.clone()),
+        None => builder.path_and_query("/"),
+    };
+    builder.build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse(bytes: &[u8]) -> (io::Result<Option<u16>>, BytesMut) {
+        let mut io = bytes;
+        let mut buf = BytesMut::new();
+        let r = read_preamble(&mut io, &mut buf, Duration::from_secs(1)).await;
+        (r, buf)
+    }
+
+    #[tokio::test]
+    async fn preambles() {
+        let (r, rest) = parse(b"TRELLIS/1 8080\r\nPRI * HTTP/2.0").await;
+        assert_eq!(r.unwrap(), Some(8080));
+        assert_eq!(&rest[..], b"PRI * HTTP/2.0");
+        let (r, rest) = parse(b"GET / HTTP/1.1\r\n").await;
+        assert_eq!(r.unwrap(), None);
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\n");
+        assert!(parse(b"TRELLIS/1 0\r\n").await.0.is_err());
+        assert!(parse(b"TRELLIS/1 99999\r\n").await.0.is_err());
+        assert!(
+            parse(b"TRELLIS/1 1111111111111111111111111111")
+                .await
+                .0
+                .is_err()
+        );
+        assert_eq!(parse(&preamble(4143)).await.0.unwrap(), Some(4143));
+    }
+
+    #[test]
+    fn upstream_uris_pick_the_scheme() {
+        let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let pq = "/a?b=c".parse().unwrap();
+        assert_eq!(
+            upstream_uri(addr, true, Some(&pq)).unwrap().to_string(),
+            "trellis://10.0.0.1:8080/a?b=c"
+        );
+        assert_eq!(
+            upstream_uri(addr, false, None).unwrap().to_string(),
+            "http://10.0.0.1:8080/"
+        );
+    }
+}

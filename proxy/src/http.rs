@@ -1,0 +1,246 @@
+//! HTTP pieces shared by the outbound and inbound paths: body types, the upstream clients,
+//! answers the proxy gives itself, and header hygiene between hops.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::proxy::Proxy;
+
+use crate::hop::Connector;
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+/// Every body the proxy sends or answers with.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The header a proxy adds when it carries an HTTP/1 request over HTTP/2 to another proxy, so
+/// the receiving proxy speaks HTTP/1 to its app again.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("trellis-orig-proto");
+/// The header on every answer the proxy gives itself, saying why.
+pub const PROXY_ERROR: HeaderName = HeaderName::from_static("trellis-proxy-error");
+
+pub fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|e| match e {})
+        .boxed_unsync()
+}
+
+pub fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+pub fn incoming(body: hyper::body::Incoming) -> Body {
+    body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+}
+
+/// The two upstream clients: HTTP/1.1 (pooled connections) and HTTP/2 (one multiplexed
+/// connection per endpoint). Both connect through [`crate::hop`].
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub h1: Client<Connector, Body>,
+    pub h2: Client<Connector, Body>,
+}
+
+impl Upstream {
+    pub fn new(connector: Connector, idle: Duration) -> Self {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            // The client's own Host header is forwarded as it is.
+            .set_host(false);
+        let h1 = b.build(connector.clone());
+        b.http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(false)
+            .http2_adaptive_window(true);
+        let h2 = b.build(connector);
+        Self { h1, h2 }
+    }
+
+    pub async fn send(
+        &self,
+        mut req: Request<Body>,
+        http2: bool,
+    ) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        if http2 {
+            *req.version_mut() = Version::HTTP_2;
+            self.h2.request(req).await
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            self.h1.request(req).await
+        }
+    }
+}
+
+/// Serves HTTP/1 and HTTP/2 on an accepted connection until it ends, or until shutdown asks
+/// it to finish its in-flight requests and close.
+pub async fn serve_connection<I, S>(proxy: &Proxy, io: I, service: S)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let _drain = proxy.drain.clone();
+    let limit = proxy.config.args.max_header_bytes;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        // Heads larger than this are answered 431.
+        .max_buf_size(limit.max(8192))
+        .timer(TokioTimer::new())
+        // A client that never finishes its head is dropped.
+        .header_read_timeout(Duration::from_secs(30));
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(limit).unwrap_or(u32::MAX))
+        .timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = proxy.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Whether a request is a gRPC call, whose errors are gRPC statuses rather than HTTP ones.
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The gRPC status for an answer the proxy gives itself.
+fn grpc_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "3",              // INVALID_ARGUMENT
+        404 => "12",             // UNIMPLEMENTED
+        500 | 502 | 503 => "14", // UNAVAILABLE
+        504 => "4",              // DEADLINE_EXCEEDED
+        _ => "2",                // UNKNOWN
+    }
+}
+
+/// An answer from the proxy itself: plain text for HTTP, a trailers-only status for gRPC.
+pub fn local(status: StatusCode, reason: &str, grpc: bool) -> Response<Body> {
+    let reason_value =
+        HeaderValue::from_str(reason).unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+    let mut res = if grpc {
+        let mut res = Response::new(empty());
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(grpc_status(status)));
+        h.insert("grpc-message", reason_value.clone());
+        res
+    } else {
+        let mut res = Response::new(full(Bytes::from(format!("{reason}\n"))));
+        *res.status_mut() = status;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    };
+    res.headers_mut().insert(PROXY_ERROR, reason_value);
+    res
+}
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1),
+/// which must not cross a proxy and which HTTP/2 forbids.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION).cloned()
+        && let Ok(list) = conn.to_str()
+    {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    // `te: trailers` is the one TE value HTTP/2 allows, and gRPC needs it.
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// The request's host: the Host header, else the URI authority (HTTP/2).
+pub fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_connection_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn local_answers() {
+        let r = local(StatusCode::NOT_FOUND, "no route", false);
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()[PROXY_ERROR], "no route");
+        let r = local(StatusCode::GATEWAY_TIMEOUT, "timeout", true);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["grpc-status"], "4");
+        let r = local(StatusCode::SERVICE_UNAVAILABLE, "bad\nvalue", false);
+        assert_eq!(r.headers()[PROXY_ERROR], "proxy error");
+    }
+}

@@ -1,0 +1,186 @@
+//! The inbound path: connections to the pod, from other proxies (opened with the mesh
+//! preamble) or redirected by iptables, delivered to the app at the port they were meant for.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::detect::{self, Prefixed, Protocol};
+use crate::hop;
+use crate::http::{self as h, Body, ORIG_PROTO};
+use crate::metrics::{DetectLabels, DirectionLabels, RequestLabels};
+use crate::proxy::Proxy;
+use crate::tcp;
+
+const DIRECTION: &str = "inbound";
+
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = proxy.shutdown.cancelled() => return,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move { connection(proxy, stream).await });
+    }
+}
+
+/// The app port an iptables-redirected connection was meant for.
+fn redirected_port(stream: &TcpStream) -> Option<u16> {
+    let orig = socket2::SockRef::from(stream)
+        .original_dst_v4()
+        .ok()
+        .and_then(|a| a.as_socket())?;
+    let local = stream.local_addr().ok()?;
+    (orig != local).then_some(orig.port())
+}
+
+async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
+    let _open = proxy.tcp_guard(DIRECTION);
+    let _ = stream.set_nodelay(true);
+    let started = Instant::now();
+    let timeout = proxy.config.args.detect_timeout;
+    let mut buf = BytesMut::new();
+    let preamble = match hop::read_preamble(&mut stream, &mut buf, timeout).await {
+        Ok(p) => p,
+        // Silence: a server-speaks-first protocol, handled below as opaque.
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound connection rejected");
+            proxy.metrics.error(DIRECTION, "bad_preamble");
+            return;
+        }
+    };
+    let Some(port) = preamble.or_else(|| redirected_port(&stream)) else {
+        proxy.metrics.error(DIRECTION, "no_destination");
+        tracing::info!("an inbound connection names no port (no preamble, not redirected): closed");
+        return;
+    };
+    if port == proxy.config.args.inbound_addr.port() {
+        proxy.metrics.error(DIRECTION, "loop");
+        tracing::info!(
+            port,
+            "an inbound connection asks for the inbound port itself: closed"
+        );
+        return;
+    }
+    let protocol = match detect::detect(&mut stream, &mut buf, timeout).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound connection failed during detection");
+            return;
+        }
+    };
+    proxy
+        .metrics
+        .detect_duration
+        .get_or_create(&DirectionLabels {
+            direction: DIRECTION,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    proxy
+        .metrics
+        .detections
+        .get_or_create(&DetectLabels {
+            direction: DIRECTION,
+            protocol: protocol.as_str(),
+        })
+        .inc();
+    let app = SocketAddr::new(proxy.config.args.app_host, port);
+    let io = Prefixed::new(buf, stream);
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let svc_proxy = proxy.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = svc_proxy.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&proxy, app, req).await) }
+            });
+            crate::http::serve_connection(&proxy, io, service).await;
+        }
+        Protocol::Tls | Protocol::Opaque => tcp::forward(&proxy, DIRECTION, io, app, false).await,
+    }
+}
+
+async fn handle(proxy: &Proxy, app: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let grpc = h::is_grpc(&req);
+    let res = forward(proxy, app, req, grpc).await;
+    let labels = RequestLabels {
+        direction: DIRECTION,
+        parent: proxy.empty_label.clone(),
+        route_kind: "",
+        route: proxy.empty_label.clone(),
+        rule: proxy.empty_label.clone(),
+        backend: proxy.empty_label.clone(),
+        peer_identity: proxy.empty_label.clone(),
+        status: res.status().as_u16(),
+    };
+    proxy
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    proxy.metrics.requests.get_or_create(&labels).inc();
+    res
+}
+
+/// Delivers a request to the app, in the HTTP version the original client spoke.
+async fn forward(
+    proxy: &Proxy,
+    app: SocketAddr,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    // A proxy upgraded this request to HTTP/2 for the hop: the app gets HTTP/1.1 again.
+    let downgrade = parts.headers.remove(ORIG_PROTO).is_some();
+    let http2 = parts.version == Version::HTTP_2 && !downgrade;
+    h::strip_hop_by_hop(&mut parts.headers);
+    if !http2
+        && !parts.headers.contains_key(http::header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
+    let uri = match hop::upstream_uri(app, false, parts.uri.path_and_query()) {
+        Ok(u) => u,
+        Err(_) => {
+            return h::local(
+                StatusCode::BAD_REQUEST,
+                "the request cannot be forwarded",
+                grpc,
+            );
+        }
+    };
+    parts.uri = uri;
+    let upstream_req = Request::from_parts(parts, h::incoming(body));
+    match proxy.upstream.send(upstream_req, http2).await {
+        Ok(res) => {
+            let (mut rparts, rbody) = res.into_parts();
+            h::strip_hop_by_hop(&mut rparts.headers);
+            Response::from_parts(rparts, h::incoming(rbody))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, %app, "the app could not be reached");
+            proxy.metrics.error(DIRECTION, "app_unreachable");
+            h::local(
+                StatusCode::BAD_GATEWAY,
+                "the application is not reachable",
+                grpc,
+            )
+        }
+    }
+}

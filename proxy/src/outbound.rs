@@ -1,0 +1,758 @@
+//! The outbound path: the app's connections (redirected by iptables, or sent to the outbound
+//! port directly), routed per request by the destination's policy.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body as _, Incoming};
+use tokio::net::{TcpListener, TcpStream};
+use trellis_api::discovery::Target as DiscoveryTarget;
+use trellis_api::filters::{RedirectRequest, redirect_location, rewrite_path};
+use trellis_api::matching::RequestHead;
+
+use crate::detect::{self, Prefixed, Protocol};
+use crate::discovery::Subscription;
+use crate::http::{self as h, Body, ORIG_PROTO};
+use crate::metrics::{DetectLabels, DirectionLabels, MirrorLabels, RequestLabels};
+use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
+use crate::proxy::Proxy;
+use crate::tcp;
+use trellis_api::filters::CompiledHeaderModifier;
+
+const DIRECTION: &str = "outbound";
+
+/// Accepts outbound connections until `shutdown` resolves.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = proxy.shutdown.cancelled() => return,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            connection(proxy, stream, local).await;
+        });
+    }
+}
+
+/// The destination the app meant: the pre-redirect address, unless the app connected to the
+/// outbound port itself (then each request's Host says).
+fn original_dst(stream: &TcpStream, local: Option<SocketAddr>) -> Option<SocketAddr> {
+    let orig = socket2::SockRef::from(stream)
+        .original_dst_v4()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .or_else(|| {
+            socket2::SockRef::from(stream)
+                .original_dst_v6()
+                .ok()
+                .and_then(|a| a.as_socket())
+        })?;
+    let here = stream.local_addr().ok().or(local)?;
+    (orig != here).then_some(orig)
+}
+
+/// Per-connection state shared by the connection's requests (HTTP/2 streams run concurrently).
+struct Conn {
+    orig_dst: Option<SocketAddr>,
+    sub: Option<Subscription>,
+    /// Explicit mode: the last Host's subscription, since a connection rarely changes Host.
+    by_host: Mutex<Option<(DiscoveryTarget, Subscription)>>,
+}
+
+async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<SocketAddr>) {
+    let _open = proxy.tcp_guard(DIRECTION);
+    let _ = stream.set_nodelay(true);
+    let orig_dst = original_dst(&stream, local);
+    let sub = orig_dst.map(|a| proxy.discovery.subscribe(&DiscoveryTarget::Addr(a)));
+
+    let mut buf = BytesMut::new();
+    let opaque_port = orig_dst.is_some_and(|a| proxy.config.opaque_ports.contains(a.port()));
+    let protocol = if opaque_port {
+        Protocol::Opaque
+    } else {
+        let started = Instant::now();
+        let p = match detect::detect(&mut stream, &mut buf, proxy.config.args.detect_timeout).await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "outbound connection failed during detection");
+                return;
+            }
+        };
+        proxy
+            .metrics
+            .detect_duration
+            .get_or_create(&DirectionLabels {
+                direction: DIRECTION,
+            })
+            .observe(started.elapsed().as_secs_f64());
+        p
+    };
+    proxy
+        .metrics
+        .detections
+        .get_or_create(&DetectLabels {
+            direction: DIRECTION,
+            protocol: protocol.as_str(),
+        })
+        .inc();
+    let io = Prefixed::new(buf, stream);
+
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            let conn = Arc::new(Conn {
+                orig_dst,
+                sub,
+                by_host: Mutex::new(None),
+            });
+            let svc_proxy = proxy.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let proxy = svc_proxy.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&proxy, &conn, req).await) }
+            });
+            crate::http::serve_connection(&proxy, io, service).await;
+        }
+        Protocol::Tls | Protocol::Opaque => {
+            let Some(dst) = orig_dst else {
+                proxy.metrics.error(DIRECTION, "no_destination");
+                tracing::info!(
+                    "an opaque connection to the outbound port has no destination: closed"
+                );
+                return;
+            };
+            let policy = match &sub {
+                Some(s) => s.clone().wait(proxy.config.args.discovery_wait).await,
+                None => None,
+            };
+            let (addr, meshed) = tcp_upstream(policy.as_deref(), dst);
+            tcp::forward(&proxy, DIRECTION, io, addr, meshed).await;
+        }
+    }
+}
+
+/// Where an opaque connection goes: a Service's endpoint when the Service is not routed by
+/// HTTP rules, else the address the app asked for.
+fn tcp_upstream(policy: Option<&Policy>, dst: SocketAddr) -> (SocketAddr, bool) {
+    match policy.map(|p| &p.kind) {
+        Some(PolicyKind::Forward { identity }) => (dst, identity.is_some()),
+        Some(PolicyKind::Service(svc)) => match &svc.routing {
+            Routing::Passthrough(Backend {
+                target: Target::Service { balancer, .. },
+                ..
+            }) => match balancer.pick() {
+                Some(ep) => (ep.addr, ep.identity.is_some()),
+                None => (dst, false),
+            },
+            _ => (dst, false),
+        },
+        None => (dst, false),
+    }
+}
+
+/// What a request's metrics say about where it went.
+struct Outcome {
+    parent: Arc<str>,
+    route_kind: &'static str,
+    route: Arc<str>,
+    rule: Arc<str>,
+    backend: Arc<str>,
+}
+
+impl Outcome {
+    fn new(proxy: &Proxy) -> Self {
+        Self {
+            parent: proxy.empty_label.clone(),
+            route_kind: "",
+            route: proxy.empty_label.clone(),
+            rule: proxy.empty_label.clone(),
+            backend: proxy.empty_label.clone(),
+        }
+    }
+}
+
+async fn handle(proxy: &Proxy, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let grpc = h::is_grpc(&req);
+    let mut outcome = Outcome::new(proxy);
+    let res = route(proxy, conn, req, grpc, &mut outcome).await;
+    let labels = RequestLabels {
+        direction: DIRECTION,
+        parent: outcome.parent,
+        route_kind: outcome.route_kind,
+        route: outcome.route,
+        rule: outcome.rule,
+        backend: outcome.backend,
+        peer_identity: proxy.empty_label.clone(),
+        status: res.status().as_u16(),
+    };
+    proxy
+        .metrics
+        .request_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    proxy.metrics.requests.get_or_create(&labels).inc();
+    res
+}
+
+/// The subscription for this request: the connection's, or the one its Host names.
+fn subscription(
+    proxy: &Proxy,
+    conn: &Conn,
+    req: &Request<Incoming>,
+) -> Result<(Subscription, Option<SocketAddr>), &'static str> {
+    if let Some(sub) = &conn.sub {
+        return Ok((sub.clone(), conn.orig_dst));
+    }
+    let host = h::host_of(req).ok_or("the request has no Host and no original destination")?;
+    let target = DiscoveryTarget::parse_with_default_port(host, 80)
+        .map_err(|_| "the request's Host is not a valid destination")?;
+    let mut cached = match conn.by_host.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if let Some((t, sub)) = cached.as_ref()
+        && *t == target
+    {
+        return Ok((sub.clone(), None));
+    }
+    let sub = proxy.discovery.subscribe(&target);
+    *cached = Some((target, sub.clone()));
+    Ok((sub, None))
+}
+
+async fn route(
+    proxy: &Proxy,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    grpc: bool,
+    outcome: &mut Outcome,
+) -> Response<Body> {
+    let (sub, orig_dst) = match subscription(proxy, conn, &req) {
+        Ok(s) => s,
+        Err(why) => {
+            proxy.metrics.error(DIRECTION, "bad_request");
+            return h::local(StatusCode::BAD_REQUEST, why, grpc);
+        }
+    };
+    let policy = match sub.current() {
+        Some(p) => p,
+        None => match sub.clone().wait(proxy.config.args.discovery_wait).await {
+            Some(p) => p,
+            None => {
+                proxy.metrics.error(DIRECTION, "no_policy");
+                return h::local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no policy for this destination from the controller yet",
+                    grpc,
+                );
+            }
+        },
+    };
+    let svc = match &policy.kind {
+        PolicyKind::Forward { identity } => {
+            return forward_unrouted(proxy, req, orig_dst, identity.is_some(), grpc).await;
+        }
+        PolicyKind::Service(svc) => svc,
+    };
+    outcome.parent = svc.label.clone();
+    let backend_and_rule: (Option<&Arc<Rule>>, Option<&str>) = match &svc.routing {
+        Routing::Passthrough(backend) => {
+            outcome.backend = backend_label(proxy, backend);
+            return send(proxy, backend, None, req, grpc).await;
+        }
+        Routing::Http(set) => {
+            let head = RequestHead::from(&req);
+            match set.select(&head) {
+                Some(sel) => (Some(sel.rule), sel.prefix),
+                None => (None, None),
+            }
+        }
+        Routing::Grpc(set) => {
+            let head = RequestHead::from(&req);
+            match set.select(&head) {
+                Some(sel) => (Some(sel.rule), sel.prefix),
+                None => (None, None),
+            }
+        }
+    };
+    let (Some(rule), prefix) = backend_and_rule else {
+        return h::local(
+            StatusCode::NOT_FOUND,
+            "no route rule matches the request",
+            grpc,
+        );
+    };
+    outcome.route_kind = rule.labels.kind;
+    outcome.route = rule.labels.route.clone();
+    outcome.rule = rule.labels.rule.clone();
+
+    // Rule filters, in the order they are written.
+    let mut mirrors = Vec::new();
+    for filter in &rule.filters {
+        match filter {
+            Filter::RequestHeaders(m) => m.apply(req.headers_mut()),
+            Filter::Rewrite(rw) => {
+                if let Some(host) = rw
+                    .hostname
+                    .as_deref()
+                    .and_then(|h| HeaderValue::from_str(h).ok())
+                {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+                if let Some(path) = &rw.path {
+                    let new_path = rewrite_path(path, req.uri().path(), prefix);
+                    let pq = match req.uri().query() {
+                        Some(q) => format!("{new_path}?{q}"),
+                        None => new_path,
+                    };
+                    if let Ok(pq) = pq.parse::<http::uri::PathAndQuery>() {
+                        let mut parts = req.uri().clone().into_parts();
+                        parts.path_and_query = Some(pq);
+                        if let Ok(uri) = Uri::from_parts(parts) {
+                            *req.uri_mut() = uri;
+                        }
+                    }
+                }
+            }
+            Filter::Redirect(r) => {
+                let location = redirect_location(
+                    r,
+                    &RedirectRequest {
+                        scheme: "http",
+                        host: h::host_of(&req).unwrap_or_default(),
+                        path: req.uri().path(),
+                        query: req.uri().query(),
+                        matched_prefix: prefix,
+                        service_port: svc.port,
+                    },
+                );
+                let mut res = Response::new(h::empty());
+                *res.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    res.headers_mut().insert(header::LOCATION, v);
+                }
+                apply_response_filters(rule, None, &mut res);
+                return res;
+            }
+            Filter::Mirror {
+                backend,
+                numerator,
+                denominator,
+            } => {
+                if fastrand::u32(..*denominator) < *numerator {
+                    mirrors.push(backend);
+                }
+            }
+            Filter::ResponseHeaders(_) => {}
+        }
+    }
+    let req = if mirrors.is_empty() {
+        req.map(h::incoming)
+    } else {
+        mirror(proxy, req, &mirrors).await
+    };
+    let Some(backend) = rule.backends.pick() else {
+        return h::local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "every backend of the rule has weight 0",
+            grpc,
+        );
+    };
+    outcome.backend = backend_label(proxy, backend);
+    let mut res = match rule.timeouts.request_ms {
+        Some(ms) => match tokio::time::timeout(
+            Duration::from_millis(ms),
+            send(proxy, backend, Some(rule), req, grpc),
+        )
+        .await
+        {
+            Ok(res) => res,
+            Err(_) => {
+                proxy
+                    .metrics
+                    .timeouts
+                    .get_or_create(&DirectionLabels {
+                        direction: DIRECTION,
+                    })
+                    .inc();
+                h::local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the route's request timeout expired",
+                    grpc,
+                )
+            }
+        },
+        None => send(proxy, backend, Some(rule), req, grpc).await,
+    };
+    apply_response_filters(rule, Some(backend), &mut res);
+    res
+}
+
+fn backend_label(proxy: &Proxy, backend: &Backend) -> Arc<str> {
+    match &backend.target {
+        Target::Service { label, .. } => label.clone(),
+        Target::Answer { .. } => proxy.empty_label.clone(),
+    }
+}
+
+fn apply_response_filters(rule: &Rule, backend: Option<&Backend>, res: &mut Response<Body>) {
+    if let Some(m) = backend.and_then(|b| b.response_headers.as_ref()) {
+        m.apply(res.headers_mut());
+    }
+    for f in &rule.filters {
+        if let Filter::ResponseHeaders(m) = f {
+            m.apply(res.headers_mut());
+        }
+    }
+}
+
+/// Sends copies of the request to mirrors; the client's request goes on unchanged. Bodies are
+/// buffered up to a limit so both can be sent; larger requests are not mirrored.
+async fn mirror(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> Request<Body> {
+    let limit = proxy.config.args.mirror_max_body_bytes;
+    let small = req.body().is_end_stream()
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|n| n <= limit);
+    let (parts, body) = req.into_parts();
+    if !small {
+        proxy
+            .metrics
+            .mirrors
+            .get_or_create(&MirrorLabels { result: "skipped" })
+            .inc();
+        return Request::from_parts(parts, h::incoming(body));
+    }
+    let bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            // The body broke or lied about its length: the client's request is lost too.
+            tracing::debug!(error = %e, "request body failed while buffering it for a mirror");
+            Bytes::new()
+        }
+    };
+    for backend in mirrors {
+        let Target::Service {
+            balancer, http2, ..
+        } = &backend.target
+        else {
+            continue;
+        };
+        let Some(ep) = balancer.pick() else {
+            proxy
+                .metrics
+                .mirrors
+                .get_or_create(&MirrorLabels { result: "failed" })
+                .inc();
+            continue;
+        };
+        let meshed = ep.identity.is_some();
+        let Ok(copy) = build_upstream(
+            &parts,
+            h::full(bytes.clone()),
+            ep.addr,
+            meshed,
+            backend.request_headers.as_ref(),
+        ) else {
+            continue;
+        };
+        let (upstream, metrics, http2) = (
+            proxy.upstream.clone(),
+            proxy.metrics.clone(),
+            *http2 || meshed,
+        );
+        tokio::spawn(async move {
+            let result = match upstream.send(copy, http2).await {
+                Ok(res) => {
+                    // Drain so the connection can be reused; the answer itself is ignored.
+                    let _ = res.into_body().collect().await;
+                    "sent"
+                }
+                Err(_) => "failed",
+            };
+            metrics
+                .mirrors
+                .get_or_create(&MirrorLabels { result })
+                .inc();
+        });
+    }
+    Request::from_parts(parts, h::full(bytes))
+}
+
+/// The request for one attempt to `addr`, with the backend's request filters applied.
+fn build_upstream(
+    parts: &http::request::Parts,
+    body: Body,
+    addr: SocketAddr,
+    meshed: bool,
+    request_headers: Option<&CompiledHeaderModifier>,
+) -> Result<Request<Body>, http::Error> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = crate::hop::upstream_uri(addr, meshed, parts.uri.path_and_query())?;
+    *req.headers_mut() = parts.headers.clone();
+    if parts.version != Version::HTTP_2
+        && req.headers().get(header::HOST).is_none()
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    h::strip_hop_by_hop(req.headers_mut());
+    if meshed && parts.version != Version::HTTP_2 {
+        req.headers_mut()
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
+    if let Some(m) = request_headers {
+        m.apply(req.headers_mut());
+    }
+    Ok(req)
+}
+
+/// Forwards to a backend: picks an endpoint, applies retries and the per-attempt timeout.
+async fn send(
+    proxy: &Proxy,
+    backend: &Backend,
+    rule: Option<&Rule>,
+    req: Request<impl hyper::body::Body<Data = Bytes, Error: Into<h::BoxError>> + Send + 'static>,
+    grpc: bool,
+) -> Response<Body> {
+    let (status, reason) = match &backend.target {
+        Target::Answer { status, reason } => (*status, reason.as_str()),
+        Target::Service {
+            balancer, http2, ..
+        } => {
+            if balancer.is_empty() {
+                (503, "the backend has no ready endpoints")
+            } else {
+                return send_to_service(proxy, backend, balancer, *http2, rule, req, grpc).await;
+            }
+        }
+    };
+    h::local(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        reason,
+        grpc,
+    )
+}
+
+async fn send_to_service(
+    proxy: &Proxy,
+    backend: &Backend,
+    balancer: &crate::balance::Balancer,
+    http2: bool,
+    rule: Option<&Rule>,
+    req: Request<impl hyper::body::Body<Data = Bytes, Error: Into<h::BoxError>> + Send + 'static>,
+    grpc: bool,
+) -> Response<Body> {
+    let retry = rule.and_then(|r| r.retry.as_ref());
+    let attempt_timeout = rule
+        .and_then(|r| r.timeouts.backend_request_ms)
+        .map(Duration::from_millis);
+    let (parts, body) = req.into_parts();
+    let body = body.map_err(Into::into).boxed_unsync();
+    // A body can be sent again only if it is empty; a streamed body is sent once.
+    let replayable = body.is_end_stream();
+    let mut body = Some(body);
+    let retries = retry.map_or(0, |r| r.attempts);
+    let mut avoid = None;
+    let mut attempt = 0u32;
+    loop {
+        let Some(ep) = balancer.pick_excluding(avoid) else {
+            return h::local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the backend has no ready endpoints",
+                grpc,
+            );
+        };
+        let this_body = if replayable {
+            h::empty()
+        } else {
+            match body.take() {
+                Some(b) => b,
+                None => h::empty(),
+            }
+        };
+        let meshed = ep.identity.is_some();
+        let upstream_req = match build_upstream(
+            &parts,
+            this_body,
+            ep.addr,
+            meshed,
+            backend.request_headers.as_ref(),
+        ) {
+            Ok(r) => r,
+            Err(_) => {
+                return h::local(
+                    StatusCode::BAD_REQUEST,
+                    "the request cannot be forwarded",
+                    grpc,
+                );
+            }
+        };
+        let in_flight = ep.start();
+        let sent = proxy.upstream.send(upstream_req, http2 || meshed);
+        let result = match attempt_timeout {
+            Some(t) => tokio::time::timeout(t, sent)
+                .await
+                .map_err(|_| AttemptError::Timeout),
+            None => Ok(sent.await),
+        }
+        .and_then(|r| r.map_err(AttemptError::Upstream));
+        drop(in_flight);
+        let can_retry = replayable && attempt < retries;
+        match result {
+            Ok(res) => {
+                let code = res.status().as_u16();
+                if can_retry && retry.is_some_and(|r| r.codes.contains(&code)) {
+                    let _ = res.into_body().collect().await;
+                } else {
+                    let (mut rparts, rbody) = res.into_parts();
+                    h::strip_hop_by_hop(&mut rparts.headers);
+                    rparts.headers.remove(ORIG_PROTO);
+                    return Response::from_parts(rparts, h::incoming(rbody));
+                }
+            }
+            Err(AttemptError::Timeout) => {
+                if !can_retry {
+                    proxy
+                        .metrics
+                        .timeouts
+                        .get_or_create(&DirectionLabels {
+                            direction: DIRECTION,
+                        })
+                        .inc();
+                    return h::local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the route's backend request timeout expired",
+                        grpc,
+                    );
+                }
+            }
+            Err(AttemptError::Upstream(e)) => {
+                // A connection that was never made carried no byte: trying another endpoint
+                // once is safe even without a retry policy.
+                let connect_failed = e.is_connect();
+                tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
+                if !(can_retry
+                    || (connect_failed
+                        && replayable
+                        && attempt == 0
+                        && balancer.endpoints().len() > 1))
+                {
+                    proxy.metrics.error(
+                        DIRECTION,
+                        if connect_failed {
+                            "connect"
+                        } else {
+                            "upstream"
+                        },
+                    );
+                    return h::local(
+                        StatusCode::BAD_GATEWAY,
+                        "the backend could not be reached",
+                        grpc,
+                    );
+                }
+                avoid = Some(ep.addr);
+            }
+        }
+        attempt += 1;
+        proxy
+            .metrics
+            .retries
+            .get_or_create(&DirectionLabels {
+                direction: DIRECTION,
+            })
+            .inc();
+        if let Some(ms) = retry.and_then(|r| r.backoff_ms) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+enum AttemptError {
+    Timeout,
+    Upstream(hyper_util::client::legacy::Error),
+}
+
+/// Traffic that is not for a Service: to the address the app asked for, unrouted.
+async fn forward_unrouted(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    orig_dst: Option<SocketAddr>,
+    meshed: bool,
+    grpc: bool,
+) -> Response<Body> {
+    let addr = match orig_dst {
+        Some(a) => a,
+        None => {
+            let Some(host) = h::host_of(&req) else {
+                return h::local(StatusCode::BAD_REQUEST, "the request has no Host", grpc);
+            };
+            let with_port = if host
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            {
+                host.to_string()
+            } else {
+                format!("{host}:80")
+            };
+            match tokio::net::lookup_host(with_port)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+            {
+                Some(a) => a,
+                None => {
+                    return h::local(
+                        StatusCode::BAD_GATEWAY,
+                        "the request's Host does not resolve",
+                        grpc,
+                    );
+                }
+            }
+        }
+    };
+    let http2 = req.version() == Version::HTTP_2;
+    let (parts, body) = req.into_parts();
+    let Ok(upstream_req) = build_upstream(&parts, h::incoming(body), addr, meshed, None) else {
+        return h::local(
+            StatusCode::BAD_REQUEST,
+            "the request cannot be forwarded",
+            grpc,
+        );
+    };
+    match proxy.upstream.send(upstream_req, http2 || meshed).await {
+        Ok(res) => {
+            let (mut rparts, rbody) = res.into_parts();
+            h::strip_hop_by_hop(&mut rparts.headers);
+            Response::from_parts(rparts, h::incoming(rbody))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, %addr, "unrouted request failed");
+            proxy.metrics.error(DIRECTION, "upstream");
+            h::local(
+                StatusCode::BAD_GATEWAY,
+                "the destination could not be reached",
+                grpc,
+            )
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! What every connection task shares: settings, discovery, upstream clients, metrics and the
+//! shutdown signal.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::discovery::Discovery;
+use crate::http::Upstream;
+use crate::metrics::{DirectionLabels, Metrics};
+
+#[derive(Debug)]
+pub struct Proxy {
+    pub config: Config,
+    pub discovery: Discovery,
+    pub upstream: Upstream,
+    pub metrics: Metrics,
+    /// Held by every HTTP connection, so shutdown can wait for them to drain.
+    pub drain: Drain,
+    pub shutdown: Shutdown,
+    /// The empty label value, shared so that requests without a route clone a pointer.
+    pub empty_label: Arc<str>,
+}
+
+impl Proxy {
+    /// Counts an accepted connection while the guard lives.
+    pub fn tcp_guard(&self, direction: &'static str) -> OpenConnection {
+        let labels = DirectionLabels { direction };
+        self.metrics.tcp_total.get_or_create(&labels).inc();
+        let open = self.metrics.tcp_open.get_or_create(&labels).clone();
+        open.inc();
+        OpenConnection(open)
+    }
+}
+
+/// Decrements the open-connections gauge when a connection ends.
+#[derive(Debug)]
+pub struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// A signal every listener waits on to stop accepting.
+#[derive(Clone, Debug)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (watch::Sender<bool>, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Shutdown(rx))
+    }
+
+    pub async fn cancelled(&self) {
+        let mut rx = self.0.clone();
+        // An error means the sender is gone, which also means shutting down.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// A token each connection holds; when every token is gone, the connections have drained.
+#[derive(Clone, Debug)]
+pub struct Drain(#[allow(dead_code)] mpsc::Sender<()>);
+
+impl Drain {
+    pub fn new() -> (Drain, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel(1);
+        (Drain(tx), rx)
+    }
+}

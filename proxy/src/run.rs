@@ -1,0 +1,162 @@
+//! `trellis-proxy run`: binds the listeners, starts discovery and the admin server, and drains
+//! on SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::admin::{self, AdminState};
+use crate::balance::EndpointRegistry;
+use crate::config::{Args, Config};
+use crate::discovery::{Discovery, DiscoveryConfig};
+use crate::hop::Connector;
+use crate::http::Upstream;
+use crate::metrics::Metrics;
+use crate::proxy::{Drain, Proxy, Shutdown};
+use crate::{inbound, outbound};
+
+pub fn main(args: Args) -> ExitCode {
+    let config = match args.validate() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.args.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    tracing::debug!(?config, "settings");
+
+    let runtime = if config.args.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.args.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let result = runtime
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let outbound_listener = bind(config.args.outbound_addr, "outbound traffic").await?;
+    let inbound_listener = bind(config.args.inbound_addr, "inbound traffic").await?;
+    let admin_listener = bind(config.args.admin_addr, "the admin server").await?;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let endpoints = Arc::new(EndpointRegistry::default());
+    let discovery = Discovery::new(
+        DiscoveryConfig::new(
+            config.args.controller_addr.clone(),
+            config.args.namespace.clone(),
+            config.args.discovery_idle,
+        ),
+        endpoints,
+        &mut registry,
+    );
+    let upstream = Upstream::new(
+        Connector {
+            peer_inbound_port: config.args.peer_inbound_port,
+        },
+        config.args.pool_idle_timeout,
+    );
+    let (drain, mut drained) = Drain::new();
+    let (stop, shutdown) = Shutdown::new();
+    let grace = config.args.shutdown_grace;
+    let proxy = Arc::new(Proxy {
+        config,
+        discovery: discovery.clone(),
+        upstream,
+        metrics,
+        drain,
+        shutdown: shutdown.clone(),
+        empty_label: Arc::from(""),
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin_state = AdminState {
+        registry: Arc::new(registry),
+        ready: ready.clone(),
+        discovery,
+    };
+    let admin_shutdown = shutdown.clone();
+    let admin = tokio::spawn(async move {
+        admin::serve(admin_listener, admin_state, async move {
+            admin_shutdown.cancelled().await
+        })
+        .await
+    });
+    let outbound_task = tokio::spawn(outbound::serve(proxy.clone(), outbound_listener));
+    let inbound_task = tokio::spawn(inbound::serve(proxy.clone(), inbound_listener));
+    for (what, addr) in [
+        ("outbound", proxy.config.args.outbound_addr),
+        ("inbound", proxy.config.args.inbound_addr),
+        ("admin", proxy.config.args.admin_addr),
+    ] {
+        tracing::info!("{what} listening on {addr}");
+    }
+    ready.store(true, Ordering::Release);
+
+    wait_for_signal().await;
+    tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
+    ready.store(false, Ordering::Release);
+    let _ = stop.send(true);
+    let _ = outbound_task.await;
+    let _ = inbound_task.await;
+    // Every connection holds a clone of the drain token; the proxy's own goes with it.
+    drop(proxy);
+    if tokio::time::timeout(grace, drained.recv()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within the grace period");
+    }
+    let _ = admin.await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
