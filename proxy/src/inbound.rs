@@ -68,11 +68,20 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
         tracing::info!("an inbound connection names no port (no preamble, not redirected): closed");
         return;
     };
-    if port == proxy.config.args.inbound_addr.port() {
+    // The proxy's own ports are not the app's: delivering there would loop or expose the
+    // outbound listener to other pods.
+    let args = &proxy.config.args;
+    if [
+        args.inbound_addr.port(),
+        args.outbound_addr.port(),
+        args.admin_addr.port(),
+    ]
+    .contains(&port)
+    {
         proxy.metrics.error(DIRECTION, "loop");
         tracing::info!(
             port,
-            "an inbound connection asks for the inbound port itself: closed"
+            "an inbound connection asks for one of the proxy's own ports: closed"
         );
         return;
     }
