@@ -34,9 +34,6 @@ pub struct Args {
     /// Where inbound traffic is delivered to the app (the app listens here at its own ports).
     #[arg(long, env = "TRELLIS_APP_HOST", default_value = "127.0.0.1")]
     pub app_host: IpAddr,
-    /// Cluster DNS domain, to recognise `svc.ns.svc.<domain>` names.
-    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
-    pub cluster_domain: String,
     /// Ports treated as opaque TCP without detection (comma list, ranges allowed).
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS)]
     pub opaque_ports: String,

@@ -122,6 +122,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ] {
         tracing::info!("{what} listening on {addr}");
     }
+    tracing::info!(
+        pod = %proxy.config.args.pod_name,
+        namespace = %proxy.config.args.namespace,
+        controller = %proxy.config.args.controller_addr,
+        "ready"
+    );
     ready.store(true, Ordering::Release);
 
     wait_for_signal().await;
