@@ -13,16 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
 use trellis_api::policy::OutboundPolicy;
@@ -31,10 +27,15 @@ use crate::balance::EndpointRegistry;
 use crate::config::Config;
 use crate::policy::Policy;
 
-/// A connection attempt that takes longer than this is abandoned and retried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pings find a controller that vanished without closing the connection (node loss, partition).
-const KEEPALIVE: Duration = Duration::from_secs(20);
+mod controller;
+mod lines;
+
+use controller::{Controller, backoff_cap, jittered};
+use lines::{LineBuffer, LineTooLong};
+
+/// The controller answers a stream with its first snapshot at once; waiting longer than this
+/// for the answer's head means it is stuck, and asking again is the way out.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most of an error answer read for the log.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -126,7 +127,8 @@ impl Subscription {
         }
     }
 
-    /// The policy in force, if one arrived yet.
+    /// The policy in force, if one arrived yet. A read of the channel and an `Arc` clone: meant
+    /// to be called per request.
     pub fn current(&self) -> Option<Arc<Policy>> {
         self.rx.borrow().clone()
     }
@@ -331,7 +333,10 @@ async fn follow(inner: &Inner, state: &TargetState) -> Infallible {
                 if matches!(error, StreamError::LineTooLong(_)) {
                     inner.metrics.invalid.inc();
                 }
-                if inner.controller.is_connected() {
+                if matches!(error, StreamError::Ended) {
+                    // The controller closes streams when it shuts down: routine.
+                    tracing::info!(%destination, "discovery: the controller ended the stream, keeping the last policy");
+                } else if inner.controller.is_connected() {
                     tracing::warn!(%destination, %error, "discovery: stream ended, keeping the last policy");
                 } else {
                     tracing::debug!(%destination, %error, "discovery: stream ended with the connection");
@@ -355,6 +360,8 @@ enum StreamError {
     Request(#[from] http::Error),
     #[error("request failed: {0}")]
     Send(#[source] hyper::Error),
+    #[error("no answer within {RESPONSE_TIMEOUT:?}")]
+    Timeout,
     #[error("the controller answered {status}: {message}")]
     Rejected { status: StatusCode, message: String },
     #[error("the controller answered {0}")]
@@ -384,9 +391,9 @@ async fn stream(
     let request = Request::get(uri)
         .header(header::ACCEPT, NDJSON)
         .body(Empty::new())?;
-    let response = send
-        .send_request(request)
+    let response = tokio::time::timeout(RESPONSE_TIMEOUT, send.send_request(request))
         .await
+        .map_err(|_| StreamError::Timeout)?
         .map_err(StreamError::Send)?;
     let status = response.status();
     if status.is_client_error() {
@@ -415,7 +422,7 @@ async fn stream(
 /// The `error` of an [`ErrorBody`], or the body as text.
 async fn error_message(body: hyper::body::Incoming) -> String {
     let read = tokio::time::timeout(
-        CONNECT_TIMEOUT,
+        RESPONSE_TIMEOUT,
         Limited::new(body, MAX_ERROR_BODY).collect(),
     );
     match read.await {
@@ -436,229 +443,6 @@ fn push_query_value(out: &mut String, value: &str) {
             out.push(char::from(b));
         } else {
             let _ = write!(out, "%{b:02X}");
-        }
-    }
-}
-
-/// The one connection to the controller, opened on demand and again after it ends.
-struct Controller {
-    addr: String,
-    backoff: (Duration, Duration),
-    slot: tokio::sync::Mutex<Slot>,
-    /// Generation of the open connection (0: none), so that the end of an old connection does
-    /// not mark a newer one as down.
-    live: Arc<Mutex<u64>>,
-    metrics: Metrics,
-}
-
-#[derive(Default)]
-struct Slot {
-    send: Option<http2::SendRequest<Empty<Bytes>>>,
-    connected_at: Option<Instant>,
-    /// Connection attempts since the last connection that stayed up for a while.
-    attempts: u32,
-    generation: u64,
-}
-
-impl Controller {
-    fn new(cfg: &DiscoveryConfig, metrics: Metrics) -> Self {
-        Self {
-            addr: cfg.controller_addr.clone(),
-            backoff: (cfg.backoff_min, cfg.backoff_max),
-            slot: tokio::sync::Mutex::new(Slot::default()),
-            live: Arc::new(Mutex::new(0)),
-            metrics,
-        }
-    }
-
-    fn is_connected(&self) -> bool {
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) != 0
-    }
-
-    /// A handle on the open connection, connecting (with backoff) until that succeeds. Callers
-    /// queue on the slot, so all destinations share one connection and one retry schedule.
-    async fn get(&self) -> http2::SendRequest<Empty<Bytes>> {
-        let mut slot = self.slot.lock().await;
-        loop {
-            if let Some(send) = &slot.send {
-                if !send.is_closed() {
-                    return send.clone();
-                }
-                slot.send = None;
-                if slot
-                    .connected_at
-                    .is_some_and(|t| t.elapsed() >= self.backoff.1)
-                {
-                    slot.attempts = 0;
-                }
-            }
-            if slot.generation > 0 || slot.attempts > 0 {
-                let cap = backoff_cap(slot.attempts, self.backoff.0, self.backoff.1);
-                tokio::time::sleep(jittered(cap)).await;
-            }
-            slot.attempts = slot.attempts.saturating_add(1);
-            match connect_controller(&self.addr).await {
-                Ok((send, connection)) => {
-                    if slot.generation > 0 {
-                        self.metrics.reconnects.inc();
-                    }
-                    slot.generation += 1;
-                    slot.connected_at = Some(Instant::now());
-                    slot.send = Some(send);
-                    self.up(slot.generation, connection);
-                    tracing::info!(controller = %self.addr, "discovery: connected to the controller");
-                }
-                Err(error) => {
-                    tracing::warn!(controller = %self.addr, %error, attempt = slot.attempts, "discovery: cannot connect to the controller");
-                }
-            }
-        }
-    }
-
-    /// Marks the connection up and drives it; marks it down when it ends.
-    fn up<F>(&self, generation: u64, connection: F)
-    where
-        F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
-    {
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = generation;
-        self.metrics.connected.set(1);
-        let (live, metrics, addr) = (self.live.clone(), self.metrics.clone(), self.addr.clone());
-        tokio::spawn(async move {
-            match connection.await {
-                Ok(()) => {
-                    tracing::info!(controller = %addr, "discovery: connection to the controller closed")
-                }
-                Err(error) => {
-                    tracing::warn!(controller = %addr, %error, "discovery: connection to the controller lost")
-                }
-            }
-            let mut live = live.lock().unwrap_or_else(|p| p.into_inner());
-            if *live == generation {
-                *live = 0;
-                metrics.connected.set(0);
-            }
-        });
-    }
-}
-
-/// Why the controller could not be reached.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("cannot resolve {0}: {1}")]
-    Resolve(String, #[source] std::io::Error),
-    #[error("{0} resolves to no address")]
-    NoAddress(String),
-    #[error("cannot connect to {0}: {1}")]
-    Connect(std::net::SocketAddr, #[source] std::io::Error),
-    #[error("timed out after {CONNECT_TIMEOUT:?}")]
-    Timeout,
-    #[error("HTTP/2 handshake failed: {0}")]
-    Handshake(#[source] hyper::Error),
-}
-
-/// The whole hop to the controller: resolve, connect, HTTP/2 handshake. Mutual TLS wraps the
-/// `TcpStream` here, between connect and handshake.
-async fn connect_controller(
-    addr: &str,
-) -> Result<
-    (
-        http2::SendRequest<Empty<Bytes>>,
-        impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
-    ),
-    ConnectError,
-> {
-    let hop = async {
-        let addrs = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| ConnectError::Resolve(addr.to_string(), e))?;
-        let mut last = ConnectError::NoAddress(addr.to_string());
-        let mut tcp = None;
-        for sa in addrs {
-            match TcpStream::connect(sa).await {
-                Ok(stream) => {
-                    tcp = Some(stream);
-                    break;
-                }
-                Err(e) => last = ConnectError::Connect(sa, e),
-            }
-        }
-        let tcp = tcp.ok_or(last)?;
-        // Snapshots are latency-sensitive and the requests tiny.
-        let _ = tcp.set_nodelay(true);
-        http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(ConnectError::Handshake)
-    };
-    tokio::time::timeout(CONNECT_TIMEOUT, hop)
-        .await
-        .map_err(|_| ConnectError::Timeout)?
-}
-
-/// The upper bound of the `attempt`-th retry delay (from 0): doubling from `min`, capped.
-pub(crate) fn backoff_cap(attempt: u32, min: Duration, max: Duration) -> Duration {
-    min.saturating_mul(1u32 << attempt.min(30)).min(max)
-}
-
-/// Full jitter: uniform in `[0, cap]`.
-fn jittered(cap: Duration) -> Duration {
-    cap.mul_f64(fastrand::f64())
-}
-
-/// A snapshot line exceeded the configured cap.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("a snapshot line is longer than {0} bytes")]
-pub struct LineTooLong(pub usize);
-
-/// Splits a byte stream into lines, whatever the frame boundaries.
-#[derive(Debug)]
-pub(crate) struct LineBuffer {
-    buf: BytesMut,
-    /// Bytes of `buf` already known to hold no newline, so a long line is scanned once.
-    scanned: usize,
-    max: usize,
-}
-
-impl LineBuffer {
-    pub(crate) fn new(max: usize) -> Self {
-        Self {
-            buf: BytesMut::new(),
-            scanned: 0,
-            max,
-        }
-    }
-
-    pub(crate) fn extend(&mut self, data: &[u8]) {
-        self.buf.extend_from_slice(data);
-    }
-
-    /// The next complete line without its `\n` (or `\r\n`); blank lines are skipped.
-    pub(crate) fn next_line(&mut self) -> Result<Option<Bytes>, LineTooLong> {
-        loop {
-            let Some(i) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') else {
-                self.scanned = self.buf.len();
-                if self.buf.len() > self.max {
-                    return Err(LineTooLong(self.max));
-                }
-                return Ok(None);
-            };
-            let end = self.scanned + i;
-            let mut line = self.buf.split_to(end + 1);
-            self.scanned = 0;
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
-            }
-            if line.len() > self.max {
-                return Err(LineTooLong(self.max));
-            }
-            if !line.iter().all(u8::is_ascii_whitespace) {
-                return Ok(Some(line.freeze()));
-            }
         }
     }
 }
@@ -740,69 +524,9 @@ fn now_ms() -> u64 {
     let base = *BASE.get_or_init(Instant::now);
     u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lines(max: usize, frames: &[&[u8]]) -> Result<Vec<String>, LineTooLong> {
-        let mut buf = LineBuffer::new(max);
-        let mut out = Vec::new();
-        for frame in frames {
-            buf.extend(frame);
-            while let Some(line) = buf.next_line()? {
-                out.push(String::from_utf8(line.to_vec()).unwrap());
-            }
-        }
-        Ok(out)
-    }
-
-    #[test]
-    fn lines_across_frames() {
-        assert_eq!(
-            lines(100, &[b"{\"a\"", b":1}\n{\"b\":2}\n{", b"\"c\":3}", b"\n"]).unwrap(),
-            ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]
-        );
-        // CRLF, blank and whitespace-only lines (keep-alives) are tolerated.
-        assert_eq!(lines(100, &[b"a\r\n\n \r\nb\n"]).unwrap(), ["a", "b"]);
-        // An unterminated tail is not a line yet.
-        assert_eq!(lines(100, &[b"a\nb"]).unwrap(), ["a"]);
-        // One byte per frame.
-        let text = b"{\"x\":[1,2,3]}\n{}\n";
-        let frames: Vec<&[u8]> = text.chunks(1).collect();
-        assert_eq!(lines(100, &frames).unwrap(), ["{\"x\":[1,2,3]}", "{}"]);
-    }
-
-    #[test]
-    fn line_cap() {
-        assert_eq!(lines(4, &[b"1234\n"]).unwrap(), ["1234"]);
-        assert_eq!(lines(4, &[b"1234\r\n"]).unwrap(), ["1234"]);
-        assert_eq!(lines(4, &[b"12345\n"]), Err(LineTooLong(4)));
-        // Caught while still unterminated, before it grows further.
-        assert_eq!(lines(4, &[b"123", b"45"]), Err(LineTooLong(4)));
-        // A long line split over many frames is scanned incrementally and still accepted.
-        let long = vec![b'x'; 10_000];
-        let mut frames: Vec<&[u8]> = long.chunks(7).collect();
-        frames.push(b"\n");
-        assert_eq!(lines(10_000, &frames).unwrap()[0].len(), 10_000);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_jitter_stays_below() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
-        let caps: Vec<u128> = (0..10)
-            .map(|a| backoff_cap(a, min, max).as_millis())
-            .collect();
-        assert_eq!(
-            caps,
-            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
-        );
-        assert_eq!(backoff_cap(u32::MAX, min, max), max);
-        let draws: Vec<Duration> = (0..1000).map(|_| jittered(max)).collect();
-        assert!(draws.iter().all(|d| *d <= max));
-        // Full jitter spreads over the whole range.
-        assert!(draws.iter().any(|d| *d < max / 4) && draws.iter().any(|d| *d > max * 3 / 4));
-    }
 
     #[test]
     fn query_values_are_encoded() {

@@ -111,7 +111,10 @@ pub fn metric(registry: &Registry, sample: &str) -> Option<f64> {
 pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -130,7 +133,10 @@ pub async fn policy_where(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(left, sub.changed()).await.is_err() {
-            panic!("no policy with {what} within {within:?}; last: {:?}", sub.current());
+            panic!(
+                "no policy with {what} within {within:?}; last: {:?}",
+                sub.current()
+            );
         }
     }
 }

@@ -1,0 +1,104 @@
+//! Splitting the NDJSON stream into snapshot lines, whatever the frame boundaries.
+
+use bytes::{Bytes, BytesMut};
+
+/// A snapshot line exceeded the configured cap.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a snapshot line is longer than {0} bytes")]
+pub(super) struct LineTooLong(pub(super) usize);
+
+/// Splits a byte stream into lines, whatever the frame boundaries.
+#[derive(Debug)]
+pub(super) struct LineBuffer {
+    buf: BytesMut,
+    /// Bytes of `buf` already known to hold no newline, so a long line is scanned once.
+    scanned: usize,
+    max: usize,
+}
+
+impl LineBuffer {
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            scanned: 0,
+            max,
+        }
+    }
+
+    pub(super) fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete line without its `\n` (or `\r\n`); blank lines are skipped.
+    pub(super) fn next_line(&mut self) -> Result<Option<Bytes>, LineTooLong> {
+        loop {
+            let Some(i) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') else {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max {
+                    return Err(LineTooLong(self.max));
+                }
+                return Ok(None);
+            };
+            let end = self.scanned + i;
+            let mut line = self.buf.split_to(end + 1);
+            self.scanned = 0;
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            if line.len() > self.max {
+                return Err(LineTooLong(self.max));
+            }
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                return Ok(Some(line.freeze()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(max: usize, frames: &[&[u8]]) -> Result<Vec<String>, LineTooLong> {
+        let mut buf = LineBuffer::new(max);
+        let mut out = Vec::new();
+        for frame in frames {
+            buf.extend(frame);
+            while let Some(line) = buf.next_line()? {
+                out.push(String::from_utf8(line.to_vec()).unwrap());
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn lines_across_frames() {
+        assert_eq!(
+            lines(100, &[b"{\"a\"", b":1}\n{\"b\":2}\n{", b"\"c\":3}", b"\n"]).unwrap(),
+            ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]
+        );
+        // CRLF, blank and whitespace-only lines (keep-alives) are tolerated.
+        assert_eq!(lines(100, &[b"a\r\n\n \r\nb\n"]).unwrap(), ["a", "b"]);
+        // An unterminated tail is not a line yet.
+        assert_eq!(lines(100, &[b"a\nb"]).unwrap(), ["a"]);
+        // One byte per frame.
+        let text = b"{\"x\":[1,2,3]}\n{}\n";
+        let frames: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(lines(100, &frames).unwrap(), ["{\"x\":[1,2,3]}", "{}"]);
+    }
+
+    #[test]
+    fn line_cap() {
+        assert_eq!(lines(4, &[b"1234\n"]).unwrap(), ["1234"]);
+        assert_eq!(lines(4, &[b"1234\r\n"]).unwrap(), ["1234"]);
+        assert_eq!(lines(4, &[b"12345\n"]), Err(LineTooLong(4)));
+        // Caught while still unterminated, before it grows further.
+        assert_eq!(lines(4, &[b"123", b"45"]), Err(LineTooLong(4)));
+        // A long line split over many frames is scanned incrementally and still accepted.
+        let long = vec![b'x'; 10_000];
+        let mut frames: Vec<&[u8]> = long.chunks(7).collect();
+        frames.push(b"\n");
+        assert_eq!(lines(10_000, &frames).unwrap()[0].len(), 10_000);
+    }
+}
