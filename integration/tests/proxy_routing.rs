@@ -97,6 +97,11 @@ spec:
     - type: RequestMirror
       requestMirror: {backendRef: {name: mirror, port: 80}}
     backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /mirror-broken}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: empty, port: 80}}
+    backendRefs: [{name: echo-v1, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /invalid}}]
     backendRefs: [{name: missing, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /empty}}]
@@ -260,6 +265,16 @@ async fn routes_filters_and_errors_through_a_pair_of_sidecars() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(mesh.apps["mirror-0"].count(), before + 1);
+    // A mirror that cannot be reached changes nothing for the client.
+    let (status, _, echoed) = send(
+        &client,
+        mesh.request("echo", "/mirror-broken")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(echoed.unwrap().pod, "echo-v1-0");
 
     // The error answers.
     for (path, want) in [
@@ -299,6 +314,14 @@ async fn routes_filters_and_errors_through_a_pair_of_sidecars() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum::<u64>();
     assert_eq!(split_ok, 500, "{metrics}");
+    assert!(
+        metrics.contains("trellis_mirrors_total{result=\"sent\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_mirrors_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
