@@ -20,3 +20,4 @@ pub mod policy;
 pub mod proxy;
 pub mod run;
 pub mod tcp;
+pub mod tls;

@@ -1,0 +1,277 @@
+//! Mutual TLS between sidecars: TLS 1.3 only, the post-quantum hybrid key exchange first, and
+//! peers identified by the SPIFFE ID in their certificate's URI SAN.
+//!
+//! A client does not dial a DNS name but an endpoint whose identity discovery gave it, so the
+//! server name it sends (SNI) encodes that identity; the verifier turns it back into the
+//! SPIFFE ID the certificate must carry exactly, after checking the chain to the trust anchors.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use trellis_api::Identity;
+
+/// Why TLS cannot be set up or a peer is not who it must be.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the trust anchors hold no certificate")]
+    NoAnchors,
+    #[error("a trust anchor cannot be used: {0}")]
+    Anchor(String),
+    #[error("the certificate or key cannot be used: {0}")]
+    Credentials(String),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The crypto the mesh uses: aws-lc-rs, with X25519MLKEM768 preferred over X25519 and P-256.
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.kx_groups = vec![
+        rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768,
+        rustls::crypto::aws_lc_rs::kx_group::X25519,
+        rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+    ];
+    Arc::new(p)
+}
+
+const SNI_SUFFIX: &str = "serviceaccount.identity";
+
+/// The server name a client sends to reach `id`: `<sa>.<ns>.serviceaccount.identity.<td>`.
+pub fn server_name(id: &Identity) -> Result<ServerName<'static>, TlsError> {
+    let name = format!(
+        "{}.{}.{SNI_SUFFIX}.{}",
+        id.service_account, id.namespace, id.trust_domain
+    );
+    ServerName::try_from(name).map_err(|e| TlsError::Credentials(e.to_string()))
+}
+
+/// The identity a server name stands for (namespaces hold no dots; service accounts may).
+fn identity_of_server_name(name: &ServerName<'_>, trust_domain: &str) -> Option<Identity> {
+    let ServerName::DnsName(dns) = name else {
+        return None;
+    };
+    let rest = dns
+        .as_ref()
+        .strip_suffix(trust_domain)?
+        .strip_suffix('.')?
+        .strip_suffix(SNI_SUFFIX)?
+        .strip_suffix('.')?;
+    let (sa, ns) = rest.rsplit_once('.')?;
+    Some(Identity::new(trust_domain, ns, sa))
+}
+
+/// The SPIFFE ID in a certificate's URI SAN, when it has exactly one.
+pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Option<Identity> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let (Some(uri), None) = (uris.next(), uris.next()) else {
+        return None;
+    };
+    uri.parse().ok()
+}
+
+/// The sidecar's current certificate: replaced on renewal without rebuilding any config, so
+/// new handshakes use the new one while established connections keep theirs.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+}
+
+impl Credentials {
+    /// Installs a chain (leaf first) and its key.
+    pub fn set(
+        &self,
+        provider: &CryptoProvider,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), TlsError> {
+        let signer = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::Credentials(e.to_string()))?;
+        let certified = CertifiedKey::new(chain, signer);
+        let mut current = match self.current.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *current = Some(Arc::new(certified));
+        Ok(())
+    }
+
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+impl ResolvesServerCert for Credentials {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}
+
+impl ResolvesClientCert for Credentials {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+/// Checks a server's chain to the trust anchors and that its URI SAN is the identity the
+/// client asked for.
+#[derive(Debug)]
+struct IdentityVerifier {
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    algs: WebPkiSupportedAlgorithms,
+    trust_domain: String,
+}
+
+impl ServerCertVerifier for IdentityVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("bad peer certificate: {e}")))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
+        })?;
+        let expected =
+            identity_of_server_name(server_name, &self.trust_domain).ok_or_else(|| {
+                rustls::Error::General("the server name is not a mesh identity".to_string())
+            })?;
+        match identity_of_cert(end_entity) {
+            Some(id) if id == expected => Ok(ServerCertVerified::assertion()),
+            Some(id) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext {
+                    expected: server_name.to_owned(),
+                    presented: vec![id.to_string()],
+                },
+            )),
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // The mesh speaks TLS 1.3 only.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Client and server configurations for the hop between sidecars, sharing one set of
+/// credentials.
+#[derive(Clone, Debug)]
+pub struct MeshTls {
+    pub client: Arc<ClientConfig>,
+    pub server: Arc<ServerConfig>,
+    pub credentials: Arc<Credentials>,
+    pub provider: Arc<CryptoProvider>,
+}
+
+impl MeshTls {
+    /// Configurations trusting the PEM bundle `anchors`; credentials are installed later.
+    pub fn new(anchors_pem: &str, trust_domain: &str) -> Result<MeshTls, TlsError> {
+        let provider = provider();
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(anchors_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::Anchor(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(TlsError::NoAnchors);
+        }
+        let mut roots = RootCertStore::empty();
+        let mut anchors = Vec::new();
+        for cert in &certs {
+            roots
+                .add(cert.clone())
+                .map_err(|e| TlsError::Anchor(e.to_string()))?;
+            anchors.push(
+                webpki::anchor_from_trusted_cert(cert)
+                    .map_err(|e| TlsError::Anchor(e.to_string()))?
+                    .to_owned(),
+            );
+        }
+        let credentials = Arc::new(Credentials::default());
+        let verifier = Arc::new(IdentityVerifier {
+            anchors,
+            algs: provider.signature_verification_algorithms,
+            trust_domain: trust_domain.to_string(),
+        });
+        let client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(credentials.clone());
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Anchor(e.to_string()))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(client_verifier)
+            .with_cert_resolver(credentials.clone());
+        Ok(MeshTls {
+            client: Arc::new(client),
+            server: Arc::new(server),
+            credentials,
+            provider,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod tests;

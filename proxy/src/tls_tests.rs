@@ -1,0 +1,218 @@
+use super::*;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TD: &str = "cluster.local";
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A workload certificate for `id` (or with no SAN at all).
+    fn leaf(
+        &self,
+        id: Option<&Identity>,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        if let Some(id) = id {
+            params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
+        }
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![cert.der().clone()], der)
+    }
+}
+
+fn id(ns: &str, sa: &str) -> Identity {
+    Identity::new(TD, ns, sa)
+}
+
+fn mesh(ca: &Ca, who: Option<&Identity>) -> MeshTls {
+    let tls = MeshTls::new(&ca.pem(), TD).unwrap();
+    if let Some(who) = who {
+        let (chain, key) = ca.leaf(Some(who));
+        tls.credentials.set(&tls.provider, chain, key).unwrap();
+    }
+    tls
+}
+
+/// Runs a handshake and one exchange; returns the server's view of the client's identity.
+async fn handshake(
+    client: &MeshTls,
+    server: &MeshTls,
+    expect: ServerName<'static>,
+) -> Result<Option<Identity>, String> {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
+    let connector = tokio_rustls::TlsConnector::from(client.client.clone());
+    let server_side = tokio::spawn(async move {
+        let mut tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(identity_of_cert);
+        let mut buf = [0; 4];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        tls.write_all(&buf).await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(peer)
+    });
+    let client_side = async {
+        let mut tls = connector
+            .connect(expect, c)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        let mut buf = [0; 4];
+        tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            tls.get_ref()
+                .1
+                .negotiated_key_exchange_group()
+                .map(|g| g.name()),
+        )
+    };
+    let kx = client_side.await?;
+    assert_eq!(
+        kx,
+        Some(rustls::NamedGroup::X25519MLKEM768),
+        "the hybrid group is preferred"
+    );
+    server_side.await.map_err(|e| e.to_string())?
+}
+
+#[test]
+fn server_names_round_trip_identities() {
+    for who in [id("shop", "web"), id("shop", "dotted.name")] {
+        let name = server_name(&who).unwrap();
+        assert_eq!(identity_of_server_name(&name, TD), Some(who));
+    }
+    let other = ServerName::try_from("web.shop.svc.cluster.local").unwrap();
+    assert_eq!(identity_of_server_name(&other, TD), None);
+}
+
+#[tokio::test]
+async fn mutual_tls_between_two_identities() {
+    let ca = Ca::new();
+    let (web, api) = (id("shop", "web"), id("shop", "api"));
+    let client = mesh(&ca, Some(&web));
+    let server = mesh(&ca, Some(&api));
+    let peer = handshake(&client, &server, server_name(&api).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(peer, Some(web));
+}
+
+#[tokio::test]
+async fn a_server_with_another_identity_is_refused() {
+    let ca = Ca::new();
+    let client = mesh(&ca, Some(&id("shop", "web")));
+    let server = mesh(&ca, Some(&id("shop", "impostor")));
+    let err = handshake(&client, &server, server_name(&id("shop", "api")).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.contains("impostor") || err.contains("name"), "{err}");
+}
+
+#[tokio::test]
+async fn a_client_without_a_mesh_certificate_is_refused() {
+    let ca = Ca::new();
+    let api = id("shop", "api");
+    let server = mesh(&ca, Some(&api));
+    let anonymous = mesh(&ca, None);
+    assert!(
+        handshake(&anonymous, &server, server_name(&api).unwrap())
+            .await
+            .is_err()
+    );
+    // A certificate from another CA is no better.
+    let stranger_ca = Ca::new();
+    let stranger = MeshTls::new(&ca.pem(), TD).unwrap();
+    let (chain, key) = stranger_ca.leaf(Some(&id("shop", "web")));
+    stranger
+        .credentials
+        .set(&stranger.provider, chain, key)
+        .unwrap();
+    assert!(
+        handshake(&stranger, &server, server_name(&api).unwrap())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_server_outside_the_trust_anchors_is_refused() {
+    let (ca, other) = (Ca::new(), Ca::new());
+    let api = id("shop", "api");
+    let client = mesh(&ca, Some(&id("shop", "web")));
+    let server = MeshTls::new(&ca.pem(), TD).unwrap();
+    let (chain, key) = other.leaf(Some(&api));
+    server
+        .credentials
+        .set(&server.provider, chain, key)
+        .unwrap();
+    assert!(
+        handshake(&client, &server, server_name(&api).unwrap())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn renewed_credentials_serve_new_handshakes() {
+    let ca = Ca::new();
+    let api = id("shop", "api");
+    let client = mesh(&ca, Some(&id("shop", "web")));
+    let server = mesh(&ca, Some(&id("shop", "old")));
+    assert!(
+        handshake(&client, &server, server_name(&api).unwrap())
+            .await
+            .is_err()
+    );
+    let (chain, key) = ca.leaf(Some(&api));
+    server
+        .credentials
+        .set(&server.provider, chain, key)
+        .unwrap();
+    assert!(
+        handshake(&client, &server, server_name(&api).unwrap())
+            .await
+            .is_ok()
+    );
+}
+
+#[test]
+fn identities_come_only_from_a_single_uri_san() {
+    let ca = Ca::new();
+    let (chain, _) = ca.leaf(Some(&id("a", "b")));
+    assert_eq!(identity_of_cert(&chain[0]), Some(id("a", "b")));
+    let (chain, _) = ca.leaf(None);
+    assert_eq!(identity_of_cert(&chain[0]), None);
+    assert!(matches!(MeshTls::new("", TD), Err(TlsError::NoAnchors)));
+}
