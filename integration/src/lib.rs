@@ -23,6 +23,71 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+/// Manifests several tests share.
+pub mod manifests {
+    /// Service `shop/web` (cluster IP 10.96.0.10, port 80) with one meshed endpoint, pod `web-1`
+    /// (service account `web`) at 10.1.0.5:8080.
+    pub const SERVICE: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+endpoints:
+- addresses: [10.1.0.5]
+  conditions: {ready: true, serving: true, terminating: false}
+  targetRef: {kind: Pod, name: web-1, namespace: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-1
+  namespace: shop
+  labels: {app: web}
+  annotations: {trellis.dev/proxy-version: 0.1.0}
+spec:
+  serviceAccountName: web
+  containers: [{name: app, image: web}]
+status:
+  phase: Running
+  podIP: 10.1.0.5
+  podIPs: [{ip: 10.1.0.5}]
+";
+
+    /// An HTTPRoute on `shop/web:80` sending `prefix` to the Service itself.
+    pub fn route(prefix: &str) -> String {
+        format!(
+            "\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web, namespace: shop}}
+spec:
+  parentRefs:
+  - {{group: '', kind: Service, name: web, port: 80}}
+  rules:
+  - matches:
+    - path: {{type: PathPrefix, value: {prefix}}}
+    backendRefs:
+    - {{name: web, port: 80}}
+"
+        )
+    }
+}
+
 /// A binary of the workspace, built next to the running test (`target/debug`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();

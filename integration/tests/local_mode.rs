@@ -3,11 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,151 +17,8 @@ use tokio::net::TcpStream;
 use trellis_api::policy::{
     BackendTarget, HttpMatch, OutboundPolicy, PathMatch, RouteKind, Routing, ServicePolicy,
 };
-
-const SERVICE: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10]
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abcde
-  namespace: shop
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports:
-- {name: http, port: 8080, protocol: TCP}
-endpoints:
-- addresses: [10.1.0.5]
-  conditions: {ready: true, serving: true, terminating: false}
-  targetRef: {kind: Pod, name: web-1, namespace: shop}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {app: web}
-  annotations: {trellis.dev/proxy-version: 0.1.0}
-spec:
-  serviceAccountName: web
-  containers: [{name: app, image: web}]
-status:
-  phase: Running
-  podIP: 10.1.0.5
-  podIPs: [{ip: 10.1.0.5}]
-";
-
-fn route(prefix: &str) -> String {
-    format!(
-        "\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: web, namespace: shop}}
-spec:
-  parentRefs:
-  - {{group: '', kind: Service, name: web, port: 80}}
-  rules:
-  - matches:
-    - path: {{type: PathPrefix, value: {prefix}}}
-    backendRefs:
-    - {{name: web, port: 80}}
-"
-    )
-}
-
-/// The controller binary cargo built beside this test (target/debug/deps/.. → target/debug).
-fn controller_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!(
-        "trellis-controller{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build --workspace --bins` before the integration tests",
-        bin.display()
-    );
-    bin
-}
-
-/// A running controller; killed when dropped so that a failed test leaves no process behind.
-struct Controller {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Controller {
-    fn start(dir: &Path) -> Controller {
-        let mut child = Command::new(controller_binary())
-            .arg("serve")
-            .arg("--manifests")
-            .arg(dir)
-            .args(["--discovery-addr", "127.0.0.1:0"])
-            .env_remove("TRELLIS_TRUST_DOMAIN")
-            .env_remove("TRELLIS_CLUSTER_DOMAIN")
-            .env("TRELLIS_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let shared = log.clone();
-        // Drain stderr for the child's whole life: a full pipe would block its logging.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                shared.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        Controller { child, log, lines }
-    }
-
-    /// Waits for a log line containing `needle` and returns it.
-    fn wait_for_log(&self, needle: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "no log line with {needle:?} within {within:?}; log:\n{}",
-                    self.log()
-                ),
-            }
-        }
-    }
-
-    fn discovery_addr(&self) -> SocketAddr {
-        let line = self.wait_for_log("listening on ", Duration::from_secs(10));
-        let addr = line.rsplit("listening on ").next().unwrap().trim();
-        addr.parse().unwrap_or_else(|e| panic!("{line:?}: {e}"))
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use trellis_integration::manifests::{SERVICE, route};
+use trellis_integration::{Controller, binary};
 
 /// Reads a newline-delimited body one policy at a time.
 struct Lines {
@@ -244,7 +98,7 @@ async fn serves_the_directory_and_follows_its_edits() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "web.yaml", SERVICE);
     let controller = Controller::start(dir.path());
-    let addr = controller.discovery_addr();
+    let addr = controller.addr;
 
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
@@ -299,7 +153,9 @@ async fn serves_the_directory_and_follows_its_edits() {
         "route.yaml",
         &route("/api").replace("PathPrefix", "FOO"),
     );
-    let error = controller.wait_for_log("route.yaml", Duration::from_secs(2));
+    let error = controller
+        .process
+        .wait_for_log("route.yaml", Duration::from_secs(2));
     assert!(error.contains("ERROR"), "{error}");
     assert!(
         error.contains("route.yaml:1: document 1 (HTTPRoute shop/web): unknown variant `FOO`"),
@@ -331,9 +187,7 @@ async fn unknown_destinations_are_not_services() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "web.yaml", SERVICE);
     let controller = Controller::start(dir.path());
-    let tcp = TcpStream::connect(controller.discovery_addr())
-        .await
-        .unwrap();
+    let tcp = TcpStream::connect(controller.addr).await.unwrap();
     let (mut send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
         .await
         .unwrap();
@@ -349,7 +203,7 @@ async fn unknown_destinations_are_not_services() {
 }
 
 fn run_to_exit(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(controller_binary())
+    let out = Command::new(binary("trellis-controller"))
         .args(args)
         .env("TRELLIS_LOG", "info")
         .stdin(Stdio::null())

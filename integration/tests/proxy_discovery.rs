@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy_discovery_support::{
-    Relay, SERVICE, client, eventually, is_web_service, metric, policy_where, prefixes, route,
-    write,
+    Relay, client, eventually, is_web_service, metric, policy_where, prefixes, write,
 };
 use trellis_api::discovery::Target;
 use trellis_api::policy::OutboundPolicy;
+use trellis_integration::manifests::{SERVICE, route};
 use trellis_integration::{Controller, Process, binary};
 use trellis_proxy::policy::{PolicyKind, Routing, Target as BackendTarget};
 

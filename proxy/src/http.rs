@@ -122,6 +122,14 @@ where
     }
 }
 
+/// An upstream's response as it goes back to the client: without connection headers.
+pub fn from_upstream(res: Response<hyper::body::Incoming>) -> Response<Body> {
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(ORIG_PROTO);
+    Response::from_parts(parts, incoming(body))
+}
+
 /// Whether a request is a gRPC call, whose errors are gRPC statuses rather than HTTP ones.
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()

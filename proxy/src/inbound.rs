@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::hop;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::{DetectLabels, DirectionLabels, RequestLabels};
+use crate::metrics::RequestLabels;
 use crate::proxy::Proxy;
 use crate::tcp;
 
@@ -94,19 +94,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     };
     proxy
         .metrics
-        .detect_duration
-        .get_or_create(&DirectionLabels {
-            direction: DIRECTION,
-        })
-        .observe(started.elapsed().as_secs_f64());
-    proxy
-        .metrics
-        .detections
-        .get_or_create(&DetectLabels {
-            direction: DIRECTION,
-            protocol: protocol.as_str(),
-        })
-        .inc();
+        .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
     let app = SocketAddr::new(proxy.config.args.app_host, port);
     let io = Prefixed::new(buf, stream);
     match protocol {
@@ -136,12 +124,7 @@ async fn handle(proxy: &Proxy, app: SocketAddr, req: Request<Incoming>) -> Respo
         peer_identity: proxy.empty_label.clone(),
         status: res.status().as_u16(),
     };
-    proxy
-        .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    proxy.metrics.requests.get_or_create(&labels).inc();
+    proxy.metrics.request(&labels, started.elapsed());
     res
 }
 
@@ -177,11 +160,7 @@ async fn forward(
     parts.uri = uri;
     let upstream_req = Request::from_parts(parts, h::incoming(body));
     match proxy.upstream.send(upstream_req, http2).await {
-        Ok(res) => {
-            let (mut rparts, rbody) = res.into_parts();
-            h::strip_hop_by_hop(&mut rparts.headers);
-            Response::from_parts(rparts, h::incoming(rbody))
-        }
+        Ok(res) => h::from_upstream(res),
         Err(e) => {
             tracing::debug!(error = %e, %app, "the app could not be reached");
             proxy.metrics.error(DIRECTION, "app_unreachable");

@@ -158,6 +158,34 @@ impl Metrics {
         m
     }
 
+    /// Records a finished detection; `took` is `None` when none was needed (an opaque port).
+    pub fn detected(
+        &self,
+        direction: &'static str,
+        protocol: &'static str,
+        took: Option<std::time::Duration>,
+    ) {
+        if let Some(took) = took {
+            self.detect_duration
+                .get_or_create(&DirectionLabels { direction })
+                .observe(took.as_secs_f64());
+        }
+        self.detections
+            .get_or_create(&DetectLabels {
+                direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Records a request whose response headers are going out.
+    pub fn request(&self, labels: &RequestLabels, took: std::time::Duration) {
+        self.request_duration
+            .get_or_create(labels)
+            .observe(took.as_secs_f64());
+        self.requests.get_or_create(labels).inc();
+    }
+
     pub fn error(&self, direction: &'static str, reason: &'static str) {
         self.errors
             .get_or_create(&ErrorLabels { direction, reason })

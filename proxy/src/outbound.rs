@@ -17,7 +17,7 @@ use trellis_api::matching::RequestHead;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::{DetectLabels, DirectionLabels, MirrorLabels, RequestLabels};
+use crate::metrics::{DirectionLabels, MirrorLabels, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::proxy::Proxy;
 use crate::tcp;
@@ -80,35 +80,19 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<Sock
 
     let mut buf = BytesMut::new();
     let opaque_port = orig_dst.is_some_and(|a| proxy.config.opaque_ports.contains(a.port()));
-    let protocol = if opaque_port {
-        Protocol::Opaque
+    let (protocol, took) = if opaque_port {
+        (Protocol::Opaque, None)
     } else {
         let started = Instant::now();
-        let p = match detect::detect(&mut stream, &mut buf, proxy.config.args.detect_timeout).await
-        {
-            Ok(p) => p,
+        match detect::detect(&mut stream, &mut buf, proxy.config.args.detect_timeout).await {
+            Ok(p) => (p, Some(started.elapsed())),
             Err(e) => {
                 tracing::debug!(error = %e, "outbound connection failed during detection");
                 return;
             }
-        };
-        proxy
-            .metrics
-            .detect_duration
-            .get_or_create(&DirectionLabels {
-                direction: DIRECTION,
-            })
-            .observe(started.elapsed().as_secs_f64());
-        p
+        }
     };
-    proxy
-        .metrics
-        .detections
-        .get_or_create(&DetectLabels {
-            direction: DIRECTION,
-            protocol: protocol.as_str(),
-        })
-        .inc();
+    proxy.metrics.detected(DIRECTION, protocol.as_str(), took);
     let io = Prefixed::new(buf, stream);
 
     match protocol {
@@ -199,12 +183,7 @@ async fn handle(proxy: &Proxy, conn: &Conn, req: Request<Incoming>) -> Response<
         peer_identity: proxy.empty_label.clone(),
         status: res.status().as_u16(),
     };
-    proxy
-        .metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    proxy.metrics.requests.get_or_create(&labels).inc();
+    proxy.metrics.request(&labels, started.elapsed());
     res
 }
 
@@ -623,10 +602,7 @@ async fn send_to_service(
                 if can_retry && retry.is_some_and(|r| r.codes.contains(&code)) {
                     let _ = res.into_body().collect().await;
                 } else {
-                    let (mut rparts, rbody) = res.into_parts();
-                    h::strip_hop_by_hop(&mut rparts.headers);
-                    rparts.headers.remove(ORIG_PROTO);
-                    return Response::from_parts(rparts, h::incoming(rbody));
+                    return h::from_upstream(res);
                 }
             }
             Err(AttemptError::Timeout) => {
@@ -740,11 +716,7 @@ async fn forward_unrouted(
         );
     };
     match proxy.upstream.send(upstream_req, http2 || meshed).await {
-        Ok(res) => {
-            let (mut rparts, rbody) = res.into_parts();
-            h::strip_hop_by_hop(&mut rparts.headers);
-            Response::from_parts(rparts, h::incoming(rbody))
-        }
+        Ok(res) => h::from_upstream(res),
         Err(e) => {
             tracing::debug!(error = %e, %addr, "unrouted request failed");
             proxy.metrics.error(DIRECTION, "upstream");

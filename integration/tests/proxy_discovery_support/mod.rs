@@ -16,67 +16,6 @@ use trellis_proxy::balance::EndpointRegistry;
 use trellis_proxy::discovery::{Discovery, DiscoveryConfig, Subscription};
 use trellis_proxy::policy::{Policy, PolicyKind};
 
-/// Service `shop/web` (cluster IP 10.96.0.10, port 80) with one meshed endpoint.
-pub const SERVICE: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  clusterIPs: [10.96.0.10]
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: 8080, protocol: TCP}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-abcde
-  namespace: shop
-  labels: {kubernetes.io/service-name: web}
-addressType: IPv4
-ports:
-- {name: http, port: 8080, protocol: TCP}
-endpoints:
-- addresses: [10.1.0.5]
-  conditions: {ready: true, serving: true, terminating: false}
-  targetRef: {kind: Pod, name: web-1, namespace: shop}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: web-1
-  namespace: shop
-  labels: {app: web}
-  annotations: {trellis.dev/proxy-version: 0.1.0}
-spec:
-  serviceAccountName: web
-  containers: [{name: app, image: web}]
-status:
-  phase: Running
-  podIP: 10.1.0.5
-  podIPs: [{ip: 10.1.0.5}]
-";
-
-/// An HTTPRoute on `shop/web:80` sending `prefix` to the Service itself.
-pub fn route(prefix: &str) -> String {
-    format!(
-        "\
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: web, namespace: shop}}
-spec:
-  parentRefs:
-  - {{group: '', kind: Service, name: web, port: 80}}
-  rules:
-  - matches:
-    - path: {{type: PathPrefix, value: {prefix}}}
-    backendRefs:
-    - {{name: web, port: 80}}
-"
-    )
-}
-
 /// Writes a file the way an editor that replaces files does, so the change is one event.
 pub fn write(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
