@@ -172,6 +172,15 @@ pub struct EndpointRegistry {
 }
 
 impl EndpointRegistry {
+    /// The identity of a known endpoint: the connector asks it when it opens a connection.
+    pub fn identity_of(&self, addr: SocketAddr) -> Option<Identity> {
+        let map = match self.by_addr.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.get(&addr)?.upgrade()?.identity.clone()
+    }
+
     /// Called when a policy is compiled, never per request.
     pub fn get(
         &self,

@@ -61,6 +61,33 @@ pub struct Args {
     /// Worker threads (1 suits a sidecar).
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
+    /// The mesh CA's certify endpoint, `host:port`. Unset: no identity, and the hop between
+    /// sidecars stays plaintext (local development only).
+    #[arg(long, env = "TRELLIS_IDENTITY_ADDR")]
+    pub identity_addr: Option<String>,
+    /// The name on identity's serving certificate; by default the host of `--identity-addr`.
+    #[arg(long, env = "TRELLIS_IDENTITY_SERVER_NAME")]
+    pub identity_server_name: Option<String>,
+    /// The trust anchors: PEM text, or the path of a PEM file.
+    #[arg(long, env = "TRELLIS_TRUST_ANCHORS")]
+    pub trust_anchors: Option<String>,
+    /// The projected service-account token sent to identity.
+    #[arg(
+        long,
+        env = "TRELLIS_TOKEN_PATH",
+        default_value = "/var/run/secrets/trellis.dev/identity/token"
+    )]
+    pub token_path: std::path::PathBuf,
+    /// The pod's service account: with the namespace and trust domain, its identity.
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// Trust domain of mesh identities.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_api::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// With identity on, inbound ports that still accept plaintext (clients outside the mesh,
+    /// kubelet probes); every other port requires mutual TLS. Comma list, ranges allowed.
+    #[arg(long, env = "TRELLIS_INBOUND_PLAINTEXT_PORTS", default_value = "")]
+    pub inbound_plaintext_ports: String,
     /// Log filter, e.g. `info` or `trellis_proxy=debug,info`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
@@ -79,6 +106,12 @@ pub enum ConfigError {
     Namespace,
     #[error("--max-header-bytes must be at least 1024")]
     HeaderBytes,
+    #[error("--inbound-plaintext-ports: {0}")]
+    PlaintextPorts(String),
+    #[error("--identity-addr needs --trust-anchors (PEM text or a file)")]
+    NoAnchors,
+    #[error("--trust-anchors: cannot read {path}: {reason}")]
+    AnchorsFile { path: String, reason: String },
 }
 
 /// The validated settings.
@@ -86,6 +119,9 @@ pub enum ConfigError {
 pub struct Config {
     pub args: Args,
     pub opaque_ports: PortSet,
+    pub plaintext_ports: PortSet,
+    /// Set when identity is on: the trust anchors' PEM text.
+    pub anchors_pem: Option<String>,
 }
 
 impl Args {
@@ -104,9 +140,26 @@ impl Args {
         if self.max_header_bytes < 1024 {
             return Err(ConfigError::HeaderBytes);
         }
+        let plaintext_ports =
+            PortSet::parse(&self.inbound_plaintext_ports).map_err(ConfigError::PlaintextPorts)?;
+        let anchors_pem = match (&self.identity_addr, &self.trust_anchors) {
+            (None, _) => None,
+            (Some(_), None) => return Err(ConfigError::NoAnchors),
+            (Some(_), Some(a)) if a.trim_start().starts_with("-----BEGIN") => Some(a.clone()),
+            (Some(_), Some(path)) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|e| ConfigError::AnchorsFile {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?,
+                )
+            }
+        };
         Ok(Config {
             args: self,
             opaque_ports,
+            plaintext_ports,
+            anchors_pem,
         })
     }
 }

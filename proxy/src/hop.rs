@@ -19,7 +19,14 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::Uri;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use trellis_api::Identity;
+
+use crate::balance::EndpointRegistry;
+use crate::tls::MeshTls;
 use tokio::net::TcpStream;
 
 /// The URI scheme of requests to meshed endpoints.
@@ -82,19 +89,36 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
-/// Opens a connection to an endpoint: directly for plain ones, through the peer proxy's inbound
-/// port with a preamble for meshed ones.
+/// How this sidecar reaches meshed endpoints.
+#[derive(Clone, Debug)]
+pub struct Hop {
+    pub peer_inbound_port: u16,
+    /// Mutual TLS, when the sidecar has an identity; plaintext otherwise.
+    pub tls: Option<MeshTls>,
+}
+
+/// A connection to an endpoint: plain, or mutual TLS to a peer sidecar.
+#[derive(Debug)]
+pub enum HopStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Opens a connection to an endpoint: directly for plain ones; through the peer sidecar's
+/// inbound port for meshed ones, with mutual TLS verifying `identity` when this sidecar has
+/// one, then the preamble naming the app's port.
 pub async fn connect(
     addr: SocketAddr,
     meshed: bool,
-    peer_inbound_port: u16,
-) -> io::Result<TcpStream> {
+    identity: Option<&Identity>,
+    hop: &Hop,
+) -> io::Result<HopStream> {
     let dial = if meshed {
-        SocketAddr::new(addr.ip(), peer_inbound_port)
+        SocketAddr::new(addr.ip(), hop.peer_inbound_port)
     } else {
         addr
     };
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dial))
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dial))
         .await
         .map_err(|_| {
             io::Error::new(
@@ -103,20 +127,81 @@ pub async fn connect(
             )
         })??;
     stream.set_nodelay(true)?;
-    if meshed {
-        stream.write_all(&preamble(addr.port())).await?;
+    if !meshed {
+        return Ok(HopStream::Plain(stream));
     }
+    let mut stream = match &hop.tls {
+        None => HopStream::Plain(stream),
+        Some(tls) => {
+            let identity =
+                identity.ok_or_else(|| invalid("a meshed endpoint without an identity"))?;
+            let name = crate::tls::server_name(identity).map_err(|e| invalid(&e.to_string()))?;
+            let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+                .connect(name, stream)
+                .await?;
+            HopStream::Tls(Box::new(tls_stream))
+        }
+    };
+    stream.write_all(&preamble(addr.port())).await?;
     Ok(stream)
 }
 
-/// The connector of the upstream HTTP clients: reads the endpoint and its kind from the URI.
+impl AsyncRead for HopStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            HopStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HopStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            HopStream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            HopStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            HopStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            HopStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for HopStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// The connector of the upstream HTTP clients: reads the endpoint and its kind from the URI,
+/// its expected identity from the endpoint registry.
 #[derive(Clone, Debug)]
 pub struct Connector {
-    pub peer_inbound_port: u16,
+    pub hop: Hop,
+    pub endpoints: Arc<EndpointRegistry>,
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<HopStream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -125,7 +210,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let peer_port = self.peer_inbound_port;
+        let (hop, endpoints) = (self.hop.clone(), self.endpoints.clone());
         Box::pin(async move {
             let meshed = uri.scheme_str() == Some(MESH_SCHEME);
             let addr = uri
@@ -135,7 +220,14 @@ impl tower_service::Service<Uri> for Connector {
                     Some(SocketAddr::new(host.parse().ok()?, a.port_u16()?))
                 })
                 .ok_or_else(|| invalid("upstream URI has no IP:port authority"))?;
-            connect(addr, meshed, peer_port).await.map(TokioIo::new)
+            let identity = if meshed {
+                endpoints.identity_of(addr)
+            } else {
+                None
+            };
+            connect(addr, meshed, identity.as_ref(), &hop)
+                .await
+                .map(TokioIo::new)
         })
     }
 }

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use http::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use trellis_api::Identity;
 
 use crate::detect::{self, Prefixed, Protocol};
 use crate::hop;
@@ -18,6 +21,8 @@ use crate::proxy::Proxy;
 use crate::tcp;
 
 const DIRECTION: &str = "inbound";
+/// The header carrying the client's mesh identity to the app.
+pub const CLIENT_ID: http::HeaderName = http::HeaderName::from_static("trellis-client-id");
 
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
     loop {
@@ -53,21 +58,80 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     let started = Instant::now();
     let timeout = proxy.config.args.detect_timeout;
     let mut buf = BytesMut::new();
-    let preamble = match hop::read_preamble(&mut stream, &mut buf, timeout).await {
-        Ok(p) => p,
-        // Silence: a server-speaks-first protocol, handled below as opaque.
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
-        Err(e) => {
-            tracing::debug!(error = %e, "inbound connection rejected");
-            proxy.metrics.error(DIRECTION, "bad_preamble");
-            return;
+    let redirected = redirected_port(&stream);
+    let preamble = if redirected.is_some() {
+        // Sidecars dial the inbound port itself; a redirected connection is from outside the
+        // mesh and has no preamble.
+        None
+    } else {
+        match hop::read_preamble(&mut stream, &mut buf, timeout).await {
+            Ok(p) => p,
+            // Silence: nothing to deliver.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "inbound connection rejected");
+                proxy.metrics.error(DIRECTION, "bad_preamble");
+                return;
+            }
         }
     };
-    let Some(port) = preamble.or_else(|| redirected_port(&stream)) else {
+    let mesh_tls = proxy.hop.tls.clone();
+    if let (None, None, Some(tls)) = (redirected, preamble, &mesh_tls)
+        && detect::classify(&buf) == Some(Protocol::Tls)
+    {
+        // A peer sidecar's mutual TLS; the preamble and the request follow inside.
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+        let mut tls_stream = match acceptor.accept(Prefixed::new(buf, stream)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(error = %e, "inbound mutual TLS handshake failed");
+                proxy.metrics.error(DIRECTION, "tls_handshake");
+                return;
+            }
+        };
+        let peer = tls_stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::identity_of_cert);
+        let mut inner = BytesMut::new();
+        match hop::read_preamble(&mut tls_stream, &mut inner, timeout).await {
+            Ok(Some(port)) => {
+                deliver(proxy, tls_stream, inner, port, peer, started).await;
+            }
+            _ => {
+                proxy.metrics.error(DIRECTION, "bad_preamble");
+                tracing::info!("a mutual TLS connection without the mesh preamble: closed");
+            }
+        }
+        return;
+    }
+    let Some(port) = preamble.or(redirected) else {
         proxy.metrics.error(DIRECTION, "no_destination");
         tracing::info!("an inbound connection names no port (no preamble, not redirected): closed");
         return;
     };
+    // With identity on, plaintext reaches only the ports configured for it.
+    if mesh_tls.is_some() && !proxy.config.plaintext_ports.contains(port) {
+        proxy.metrics.error(DIRECTION, "plaintext_refused");
+        tracing::info!(port, "a plaintext connection to a mesh-only port: closed");
+        return;
+    }
+    deliver(proxy, stream, buf, port, None, started).await;
+}
+
+/// Detects the protocol of what follows and delivers it to the app's `port`.
+async fn deliver<I>(
+    proxy: Arc<Proxy>,
+    mut io: I,
+    mut buf: BytesMut,
+    port: u16,
+    peer: Option<Identity>,
+    started: Instant,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The proxy's own ports are not the app's: delivering there would loop or expose the
     // outbound listener to other pods.
     let args = &proxy.config.args;
@@ -85,7 +149,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
         );
         return;
     }
-    let protocol = match detect::detect(&mut stream, &mut buf, timeout).await {
+    let protocol = match detect::detect(&mut io, &mut buf, args.detect_timeout).await {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "inbound connection failed during detection");
@@ -95,24 +159,44 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     proxy
         .metrics
         .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
-    let app = SocketAddr::new(proxy.config.args.app_host, port);
-    let io = Prefixed::new(buf, stream);
+    let app = SocketAddr::new(args.app_host, port);
+    let io = Prefixed::new(buf, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
+            let peer: Option<(Arc<str>, HeaderValue)> = peer.and_then(|id| {
+                let text = id.to_string();
+                Some((Arc::from(text.as_str()), HeaderValue::from_str(&text).ok()?))
+            });
             let svc_proxy = proxy.clone();
             let service = hyper::service::service_fn(move |req| {
-                let proxy = svc_proxy.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&proxy, app, req).await) }
+                let (proxy, peer) = (svc_proxy.clone(), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(&proxy, app, peer, req).await) }
             });
             crate::http::serve_connection(&proxy, io, service).await;
         }
-        Protocol::Tls | Protocol::Opaque => tcp::forward(&proxy, DIRECTION, io, app, false).await,
+        Protocol::Tls | Protocol::Opaque => {
+            tcp::forward(&proxy, DIRECTION, io, app, false, None).await
+        }
     }
 }
 
-async fn handle(proxy: &Proxy, app: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    proxy: &Proxy,
+    app: SocketAddr,
+    peer: Option<(Arc<str>, HeaderValue)>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let started = Instant::now();
     let grpc = h::is_grpc(&req);
+    // Only the sidecar says who the client is: a copy the client sent is dropped.
+    req.headers_mut().remove(CLIENT_ID);
+    let peer_label = match peer {
+        Some((label, value)) => {
+            req.headers_mut().insert(CLIENT_ID, value);
+            label
+        }
+        None => proxy.empty_label.clone(),
+    };
     let res = forward(proxy, app, req, grpc).await;
     let labels = RequestLabels {
         direction: DIRECTION,
@@ -121,7 +205,7 @@ async fn handle(proxy: &Proxy, app: SocketAddr, req: Request<Incoming>) -> Respo
         route: proxy.empty_label.clone(),
         rule: proxy.empty_label.clone(),
         backend: proxy.empty_label.clone(),
-        peer_identity: proxy.empty_label.clone(),
+        peer_identity: peer_label,
         status: res.status().as_u16(),
     };
     proxy.metrics.request(&labels, started.elapsed());

@@ -12,6 +12,7 @@ pub mod detect;
 pub mod discovery;
 pub mod hop;
 pub mod http;
+pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod metrics;

@@ -10,6 +10,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::net::{TcpListener, TcpStream};
+use trellis_api::Identity;
 use trellis_api::discovery::Target as DiscoveryTarget;
 use trellis_api::filters::{RedirectRequest, redirect_location, rewrite_path};
 use trellis_api::matching::RequestHead;
@@ -122,28 +123,30 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<Sock
                 Some(s) => s.clone().wait(proxy.config.args.discovery_wait).await,
                 None => None,
             };
-            let (addr, meshed) = tcp_upstream(policy.as_deref(), dst);
-            tcp::forward(&proxy, DIRECTION, io, addr, meshed).await;
+            let (addr, identity) = tcp_upstream(policy.as_deref(), dst);
+            let meshed = identity.is_some();
+            tcp::forward(&proxy, DIRECTION, io, addr, meshed, identity.as_ref()).await;
         }
     }
 }
 
-/// Where an opaque connection goes: a Service's endpoint when the Service is not routed by
-/// HTTP rules, else the address the app asked for.
-fn tcp_upstream(policy: Option<&Policy>, dst: SocketAddr) -> (SocketAddr, bool) {
+/// Where an opaque connection goes, and the identity of the sidecar there if it has one: a
+/// Service's endpoint when the Service is not routed by HTTP rules, else the address the app
+/// asked for.
+fn tcp_upstream(policy: Option<&Policy>, dst: SocketAddr) -> (SocketAddr, Option<Identity>) {
     match policy.map(|p| &p.kind) {
-        Some(PolicyKind::Forward { identity }) => (dst, identity.is_some()),
+        Some(PolicyKind::Forward { identity }) => (dst, identity.clone()),
         Some(PolicyKind::Service(svc)) => match &svc.routing {
             Routing::Passthrough(Backend {
                 target: Target::Service { balancer, .. },
                 ..
             }) => match balancer.pick() {
-                Some(ep) => (ep.addr, ep.identity.is_some()),
-                None => (dst, false),
+                Some(ep) => (ep.addr, ep.identity.clone()),
+                None => (dst, None),
             },
-            _ => (dst, false),
+            _ => (dst, None),
         },
-        None => (dst, false),
+        None => (dst, None),
     }
 }
 
@@ -243,7 +246,7 @@ async fn route(
     };
     let svc = match &policy.kind {
         PolicyKind::Forward { identity } => {
-            return forward_unrouted(proxy, req, orig_dst, identity.is_some(), grpc).await;
+            return forward_unrouted(proxy, req, orig_dst, identity.as_ref(), grpc).await;
         }
         PolicyKind::Service(svc) => svc,
     };
@@ -673,9 +676,10 @@ async fn forward_unrouted(
     proxy: &Proxy,
     req: Request<Incoming>,
     orig_dst: Option<SocketAddr>,
-    meshed: bool,
+    identity: Option<&Identity>,
     grpc: bool,
 ) -> Response<Body> {
+    let meshed = identity.is_some();
     let addr = match orig_dst {
         Some(a) => a,
         None => {
@@ -706,6 +710,8 @@ async fn forward_unrouted(
             }
         }
     };
+    // The connector finds the identity to verify in the registry: keep it there meanwhile.
+    let _known = identity.map(|id| proxy.endpoints.get(addr, Some(id), None));
     let http2 = req.version() == Version::HTTP_2;
     let (parts, body) = req.into_parts();
     let Ok(upstream_req) = build_upstream(&parts, h::incoming(body), addr, meshed, None) else {

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
+use crate::balance::EndpointRegistry;
 use crate::config::Config;
 use crate::discovery::Discovery;
+use crate::hop::Hop;
 use crate::http::Upstream;
 use crate::metrics::{DirectionLabels, Metrics};
 
@@ -15,6 +17,9 @@ pub struct Proxy {
     pub config: Config,
     pub discovery: Discovery,
     pub upstream: Upstream,
+    pub hop: Hop,
+    /// Identities of the endpoints in use, for the hop's verification.
+    pub endpoints: Arc<EndpointRegistry>,
     pub metrics: Metrics,
     /// Held by every HTTP connection, so shutdown can wait for them to drain.
     pub drain: Drain,

@@ -14,11 +14,14 @@ use crate::admin::{self, AdminState};
 use crate::balance::EndpointRegistry;
 use crate::config::{Args, Config};
 use crate::discovery::{Discovery, DiscoveryConfig};
-use crate::hop::Connector;
+use crate::hop::{Connector, Hop};
 use crate::http::Upstream;
+use crate::identity::{self, IdentityConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Drain, Proxy, Shutdown};
+use crate::tls::MeshTls;
 use crate::{inbound, outbound};
+use trellis_api::Identity;
 
 pub fn main(args: Args) -> ExitCode {
     let config = match args.validate() {
@@ -78,12 +81,47 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.args.namespace.clone(),
             config.args.discovery_idle,
         ),
-        endpoints,
+        endpoints.clone(),
         &mut registry,
     );
+    // Ready once listening, and, with identity on, once the first certificate is in.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (tls, identity_task) = match (&config.args.identity_addr, &config.anchors_pem) {
+        (Some(addr), Some(anchors)) => {
+            let tls = MeshTls::new(anchors, &config.args.trust_domain)
+                .context("cannot set up mutual TLS")?;
+            let server_name = config.args.identity_server_name.clone().unwrap_or_else(|| {
+                addr.rsplit_once(':')
+                    .map_or(addr.as_str(), |(h, _)| h)
+                    .to_string()
+            });
+            let cfg = IdentityConfig {
+                addr: addr.clone(),
+                server_name,
+                token_path: config.args.token_path.clone(),
+                identity: Identity::new(
+                    config.args.trust_domain.clone(),
+                    config.args.namespace.clone(),
+                    config.args.service_account.clone(),
+                ),
+                anchors_pem: anchors.clone(),
+            };
+            let task = identity::start(cfg, tls.clone(), ready.clone(), &mut registry);
+            (Some(tls), Some(tokio::spawn(task)))
+        }
+        _ => {
+            tracing::warn!("no --identity-addr: the hop between sidecars is plaintext");
+            (None, None)
+        }
+    };
+    let hop = Hop {
+        peer_inbound_port: config.args.peer_inbound_port,
+        tls,
+    };
     let upstream = Upstream::new(
         Connector {
-            peer_inbound_port: config.args.peer_inbound_port,
+            hop: hop.clone(),
+            endpoints: endpoints.clone(),
         },
         config.args.pool_idle_timeout,
     );
@@ -94,13 +132,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config,
         discovery: discovery.clone(),
         upstream,
+        hop,
+        endpoints,
         metrics,
         drain,
         shutdown: shutdown.clone(),
         empty_label: Arc::from(""),
     });
 
-    let ready = Arc::new(AtomicBool::new(false));
     let admin_state = AdminState {
         registry: Arc::new(registry),
         ready: ready.clone(),
@@ -128,9 +167,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         controller = %proxy.config.args.controller_addr,
         "ready"
     );
-    ready.store(true, Ordering::Release);
+    if identity_task.is_none() {
+        ready.store(true, Ordering::Release);
+    }
 
     wait_for_signal().await;
+    if let Some(task) = identity_task {
+        task.abort();
+    }
     tracing::info!(grace = ?grace, "shutting down: no new connections, draining in-flight requests");
     ready.store(false, Ordering::Release);
     let _ = stop.send(true);

@@ -3,23 +3,25 @@
 use std::net::SocketAddr;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use trellis_api::Identity;
 
 use crate::hop;
 use crate::metrics::DirectionLabels;
 use crate::proxy::Proxy;
 
-/// Copies `client` to and from `addr` (through the peer proxy when `meshed`) until both sides
-/// are done.
+/// Copies `client` to and from `addr` (through the peer sidecar when `meshed`, verifying
+/// `identity`) until both sides are done.
 pub async fn forward<C>(
     proxy: &Proxy,
     direction: &'static str,
     mut client: C,
     addr: SocketAddr,
     meshed: bool,
+    identity: Option<&Identity>,
 ) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut upstream = match hop::connect(addr, meshed, proxy.config.args.peer_inbound_port).await {
+    let mut upstream = match hop::connect(addr, meshed, identity, &proxy.hop).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(error = %e, %addr, direction, "opaque connection: upstream unreachable");
