@@ -4,6 +4,7 @@
 //! matcher in [`matching`] is the one both the proxy and the controller's `explain` run, so
 //! that what `explain` says is what the proxy does.
 
+pub mod certify;
 pub mod discovery;
 pub mod filters;
 pub mod identity;

@@ -1,11 +1,10 @@
-//! The Trellis injector: the mutating admission webhook that adds the sidecar to pods.
-//!
-//! Not in this release yet: the subcommands exist so that their interface is fixed, and they
-//! refuse to start rather than pretend to inject.
+//! The Trellis injector's command line.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use trellis_injector::{inject_cmd, serve};
 
 /// Adds the Trellis sidecar to the pods of namespaces labelled `trellis.dev/inject=enabled`.
 #[derive(Debug, Parser)]
@@ -17,17 +16,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the admission webhook (HTTPS on :8443).
-    Serve,
-    /// Print a manifest with the sidecar injected.
-    Inject,
+    /// Serve the admission webhook (HTTPS on :8443) and the admin server (:9990).
+    Serve(Box<trellis_injector::config::ServeArgs>),
+    /// Print a manifest with the sidecar injected into every pod template; exit 0 when printed,
+    /// 1 when an object is refused (nothing is printed), 2 when the input cannot be read.
+    Inject(Box<inject_cmd::Args>),
 }
 
 fn main() -> ExitCode {
-    let what = match Cli::parse().command {
-        Command::Serve => "the admission webhook (trellis-injector serve)",
-        Command::Inject => "offline injection (trellis-injector inject)",
-    };
-    eprintln!("error: {what} is not available in this release of Trellis");
-    ExitCode::from(2)
+    // kube's client and the webhook's TLS both use rustls; with a single provider chosen here,
+    // nothing depends on which providers other crates happen to enable.
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("error: a TLS crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    match Cli::parse().command {
+        Command::Serve(args) => serve::main(*args),
+        Command::Inject(args) => inject_cmd::main(*args),
+    }
 }

@@ -1,0 +1,282 @@
+use serde_json::json;
+
+use super::*;
+use crate::config::tests::settings;
+
+fn pod(extra_spec: Value, annotations: Value) -> Value {
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    });
+    if !annotations.is_null() {
+        pod["metadata"]["annotations"] = annotations;
+    }
+    if let (Some(spec), Some(extra)) = (pod["spec"].as_object_mut(), extra_spec.as_object()) {
+        spec.extend(extra.clone());
+    }
+    pod
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn skips() {
+    let cases = [
+        (
+            pod(json!({}), json!({"trellis.dev/proxy-version": "0.0.1"})),
+            Skip::AlreadyInjected,
+        ),
+        (
+            pod(json!({}), json!({"trellis.dev/inject": "disabled"})),
+            Skip::OptedOut,
+        ),
+        // The opt-out wins over annotations that would otherwise be refused.
+        (
+            pod(
+                json!({}),
+                json!({"trellis.dev/inject": " disabled ", "trellis.dev/proxy-memory-limit": "x"}),
+            ),
+            Skip::OptedOut,
+        ),
+        (
+            pod(
+                json!({"hostNetwork": true}),
+                json!({"trellis.dev/inject": "enabled"}),
+            ),
+            Skip::HostNetwork,
+        ),
+    ];
+    for (pod, want) in cases {
+        assert_eq!(
+            plan(&pod, Some("shop"), &settings()),
+            Ok(Plan::Skip(want)),
+            "{pod}"
+        );
+    }
+    let control_plane = pod(json!({}), Value::Null);
+    assert_eq!(
+        plan(&control_plane, Some("trellis-system"), &settings()),
+        Ok(Plan::Skip(Skip::ControlPlane))
+    );
+    // Without a request namespace (offline), the pod's own namespace counts.
+    let mut own = pod(json!({}), Value::Null);
+    own["metadata"]["namespace"] = json!("trellis-system");
+    assert_eq!(
+        plan(&own, None, &settings()),
+        Ok(Plan::Skip(Skip::ControlPlane))
+    );
+}
+
+#[test]
+fn refusals_name_the_problem() {
+    let cases = [
+        (
+            pod(json!({}), json!({"trellis.dev/inject": "no"})),
+            "invalid_annotation",
+            "annotation trellis.dev/inject: \"no\" is not a valid value",
+        ),
+        (
+            pod(
+                json!({"initContainers": [{"name": "trellis-init", "image": "x"}]}),
+                Value::Null,
+            ),
+            "name_taken",
+            "the pod already has a container named \"trellis-init\"",
+        ),
+        (
+            pod(
+                json!({"containers": [{"name": "trellis-proxy", "image": "x"}]}),
+                Value::Null,
+            ),
+            "name_taken",
+            "the pod already has a container named \"trellis-proxy\"",
+        ),
+        (
+            pod(
+                json!({"volumes": [{"name": "trellis-secrets", "emptyDir": {}}]}),
+                Value::Null,
+            ),
+            "name_taken",
+            "the pod already has a volume named \"trellis-secrets\"",
+        ),
+        (
+            pod(
+                json!({}),
+                json!({"trellis.dev/proxy-memory-request": "512Mi"}),
+            ),
+            "invalid_annotation",
+            "annotation trellis.dev/proxy-memory-request: 512Mi is above the default memory limit 256Mi; set trellis.dev/proxy-memory-limit too",
+        ),
+        (
+            pod(json!({}), json!({"trellis.dev/proxy-memory-limit": "32Mi"})),
+            "invalid_annotation",
+            "annotation trellis.dev/proxy-memory-limit: 32Mi is below the memory request 64Mi",
+        ),
+        (
+            pod(
+                json!({}),
+                json!({"trellis.dev/proxy-memory-limit": "32Mi", "trellis.dev/proxy-memory-request": "64Mi"}),
+            ),
+            "invalid_annotation",
+            "annotation trellis.dev/proxy-memory-request: 64Mi is above the memory limit 32Mi",
+        ),
+        (
+            json!({"metadata": {}}),
+            "not_a_pod",
+            "the object is not a pod: it has no spec",
+        ),
+        (
+            json!([1]),
+            "not_a_pod",
+            "the object is not a pod: expected a JSON object",
+        ),
+        (
+            json!({"spec": {"containers": "app"}}),
+            "not_a_pod",
+            "the object is not a pod: invalid type",
+        ),
+    ];
+    for (pod, label, want) in cases {
+        let denied = plan(&pod, Some("shop"), &settings()).unwrap_err();
+        assert_eq!(denied.label(), label, "{pod}");
+        assert!(denied.to_string().starts_with(want), "{pod}: {denied}");
+    }
+}
+
+#[test]
+fn native_mode_puts_init_then_proxy_before_the_pods_init_containers() {
+    let mut pod = pod(
+        json!({"initContainers": [{"name": "migrate", "image": "m"}], "volumes": [{"name": "data", "emptyDir": {}}]}),
+        json!({"prometheus.io/port": "9100"}),
+    );
+    assert_eq!(inject(&mut pod, Some("shop"), &settings()), Ok(None));
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["trellis-init", "trellis-proxy", "migrate"]
+    );
+    assert_eq!(names(&pod["spec"]["containers"]), ["app"]);
+    assert_eq!(
+        names(&pod["spec"]["volumes"]),
+        [
+            "data",
+            "trellis-identity-token",
+            "trellis-secrets",
+            "trellis-xtables-lock"
+        ]
+    );
+    assert_eq!(pod["spec"]["initContainers"][1]["restartPolicy"], "Always");
+    // The pod's own Prometheus port is kept; the others are added.
+    assert_eq!(
+        pod["metadata"]["annotations"],
+        json!({
+            "prometheus.io/port": "9100",
+            "prometheus.io/scrape": "true",
+            "prometheus.io/path": "/metrics",
+            "trellis.dev/proxy-version": "0.0.0-test",
+        })
+    );
+    // Injecting the result again changes nothing.
+    let before = pod.clone();
+    assert_eq!(
+        inject(&mut pod, Some("shop"), &settings()),
+        Ok(Some(Skip::AlreadyInjected))
+    );
+    assert_eq!(pod, before);
+}
+
+#[test]
+fn classic_mode_puts_the_proxy_first_and_init_last() {
+    let mut settings = settings();
+    settings.sidecar_mode = crate::config::SidecarMode::Classic;
+    let mut pod = pod(
+        json!({"initContainers": [{"name": "migrate", "image": "m"}]}),
+        Value::Null,
+    );
+    assert_eq!(inject(&mut pod, Some("shop"), &settings), Ok(None));
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["migrate", "trellis-init"]
+    );
+    assert_eq!(names(&pod["spec"]["containers"]), ["trellis-proxy", "app"]);
+    assert!(pod["spec"]["containers"][0].get("restartPolicy").is_none());
+    assert_eq!(
+        pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"],
+        "app"
+    );
+}
+
+#[test]
+fn missing_or_null_lists_are_created() {
+    for spec in [json!({}), json!({"initContainers": null, "volumes": null})] {
+        let mut pod = pod(spec, Value::Null);
+        pod["metadata"]["annotations"] = Value::Null;
+        assert_eq!(inject(&mut pod, Some("shop"), &settings()), Ok(None));
+        assert_eq!(
+            names(&pod["spec"]["initContainers"]),
+            ["trellis-init", "trellis-proxy"]
+        );
+        assert_eq!(names(&pod["spec"]["volumes"]).len(), 3);
+        assert_eq!(
+            pod["metadata"]["annotations"]["trellis.dev/proxy-version"],
+            "0.0.0-test"
+        );
+    }
+    // A template without metadata at all gets some.
+    let mut template = json!({"spec": {"containers": [{"name": "app"}]}});
+    assert_eq!(inject(&mut template, None, &settings()), Ok(None));
+    assert_eq!(
+        template["metadata"]["annotations"]["prometheus.io/scrape"],
+        "true"
+    );
+}
+
+#[test]
+fn fields_unknown_to_this_build_are_kept() {
+    let mut pod = pod(json!({"futureField": {"x": 1}}), Value::Null);
+    pod["spec"]["containers"][0]["futureContainerField"] = json!(true);
+    pod["metadata"]["futureMeta"] = json!("y");
+    inject(&mut pod, Some("shop"), &settings()).unwrap();
+    assert_eq!(pod["spec"]["futureField"], json!({"x": 1}));
+    assert_eq!(
+        pod["spec"]["containers"][0]["futureContainerField"],
+        json!(true)
+    );
+    assert_eq!(pod["metadata"]["futureMeta"], json!("y"));
+}
+
+#[test]
+fn the_patch_only_adds() {
+    let Ok(Plan::Inject(patch)) = plan(
+        &pod(json!({}), json!({"a": "b"})),
+        Some("shop"),
+        &settings(),
+    ) else {
+        panic!("expected a patch");
+    };
+    let paths: Vec<String> = patch
+        .iter()
+        .map(|op| match op {
+            PatchOperation::Add(add) => add.path.to_string(),
+            other => panic!("unexpected {other}"),
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/spec/initContainers",
+            "/spec/volumes",
+            "/metadata/annotations/prometheus.io~1scrape",
+            "/metadata/annotations/prometheus.io~1port",
+            "/metadata/annotations/prometheus.io~1path",
+            "/metadata/annotations/trellis.dev~1proxy-version",
+        ]
+    );
+}
