@@ -14,6 +14,9 @@ pub const PROXY_VERSION: &str = "trellis.dev/proxy-version";
 pub const SKIP_INBOUND_PORTS: &str = "trellis.dev/skip-inbound-ports";
 /// Outbound ports that bypass the proxy.
 pub const SKIP_OUTBOUND_PORTS: &str = "trellis.dev/skip-outbound-ports";
+/// Inbound ports where the proxy also accepts plaintext, for clients outside the mesh; the
+/// pod's probe ports are added to them.
+pub const INBOUND_PLAINTEXT_PORTS: &str = "trellis.dev/inbound-plaintext-ports";
 /// The proxy's log filter.
 pub const PROXY_LOG_LEVEL: &str = "trellis.dev/proxy-log-level";
 /// The proxy container's CPU request.
@@ -44,6 +47,7 @@ pub struct Overrides {
     pub inject: Option<InjectMode>,
     pub skip_inbound_ports: Option<PortList>,
     pub skip_outbound_ports: Option<PortList>,
+    pub inbound_plaintext_ports: Option<PortList>,
     pub log_level: Option<String>,
     pub cpu_request: Option<Quantity>,
     pub memory_request: Option<Quantity>,
@@ -91,6 +95,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
     field(INJECT, &|v| parse_inject(v).map(drop));
     field(SKIP_INBOUND_PORTS, &|v| PortList::parse(v).map(drop));
     field(SKIP_OUTBOUND_PORTS, &|v| PortList::parse(v).map(drop));
+    field(INBOUND_PLAINTEXT_PORTS, &|v| PortList::parse(v).map(drop));
     field(PROXY_LOG_LEVEL, &|v| parse_log_level(v).map(drop));
     field(PROXY_CPU_REQUEST, &|v| Quantity::cpu(v).map(drop));
     field(PROXY_MEMORY_REQUEST, &|v| Quantity::memory(v).map(drop));
@@ -103,6 +108,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
         inject: get(INJECT).and_then(|v| parse_inject(v).ok()),
         skip_inbound_ports: get(SKIP_INBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
         skip_outbound_ports: get(SKIP_OUTBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
+        inbound_plaintext_ports: get(INBOUND_PLAINTEXT_PORTS).and_then(|v| PortList::parse(v).ok()),
         log_level: get(PROXY_LOG_LEVEL).and_then(|v| parse_log_level(v).ok()),
         cpu_request: get(PROXY_CPU_REQUEST).and_then(|v| Quantity::cpu(v).ok()),
         memory_request: get(PROXY_MEMORY_REQUEST).and_then(|v| Quantity::memory(v).ok()),
@@ -170,7 +176,7 @@ impl fmt::Display for PortRange {
 }
 
 /// A comma list of ports and ranges: `25, 8000-8100`. Rendered back without spaces, which is
-/// the form `trellis-proxy init` reads from `TRELLIS_SKIP_*_PORTS`.
+/// the form the proxy reads from `TRELLIS_SKIP_*_PORTS` and `TRELLIS_INBOUND_PLAINTEXT_PORTS`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortList(pub Vec<PortRange>);
 
@@ -187,6 +193,20 @@ impl PortList {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Sorted, with overlapping ranges (and ports inside a range) merged, so one set of ports
+    /// always renders the same way whatever order its sources listed it in.
+    pub fn normalized(mut self) -> Self {
+        self.0.sort_by_key(|r| (r.first, r.last));
+        let mut merged: Vec<PortRange> = Vec::with_capacity(self.0.len());
+        for range in self.0 {
+            match merged.last_mut() {
+                Some(last) if range.first <= last.last => last.last = last.last.max(range.last),
+                _ => merged.push(range),
+            }
+        }
+        PortList(merged)
     }
 }
 

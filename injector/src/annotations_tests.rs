@@ -40,6 +40,24 @@ fn port_lists() {
 }
 
 #[test]
+fn normalized_port_lists_are_sorted_and_merged() {
+    let cases = [
+        ("", ""),
+        ("9090,80,8080", "80,8080,9090"),
+        ("8080,8080", "8080"),
+        ("8000-8100,8080", "8000-8100"),
+        ("9050-9200,9000-9100", "9000-9200"),
+        // Adjacent but not overlapping: kept as written.
+        ("8080,8081", "8080,8081"),
+        ("1-65535,22", "1-65535"),
+    ];
+    for (input, want) in cases {
+        let list = PortList::parse(input).unwrap().normalized();
+        assert_eq!(list.to_string(), want, "{input:?}");
+    }
+}
+
+#[test]
 fn log_levels() {
     for ok in [
         "info",
@@ -134,6 +152,7 @@ fn parse_reads_every_trellis_annotation() {
         (INJECT, "enabled"),
         (SKIP_INBOUND_PORTS, "22, 9000-9100"),
         (SKIP_OUTBOUND_PORTS, "5432"),
+        (INBOUND_PLAINTEXT_PORTS, "8443,15000-15010"),
         (PROXY_LOG_LEVEL, "debug"),
         (PROXY_CPU_REQUEST, "250m"),
         (PROXY_MEMORY_REQUEST, "32Mi"),
@@ -149,6 +168,10 @@ fn parse_reads_every_trellis_annotation() {
     assert_eq!(
         overrides.skip_outbound_ports,
         Some(PortList(vec![r(5432, 5432)]))
+    );
+    assert_eq!(
+        overrides.inbound_plaintext_ports,
+        Some(PortList(vec![r(8443, 8443), r(15000, 15010)]))
     );
     assert_eq!(overrides.log_level.as_deref(), Some("debug"));
     assert_eq!(

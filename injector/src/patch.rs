@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::annotations::{self, InjectMode, InvalidAnnotations};
 use crate::config::{Settings, SidecarMode};
+use crate::probes::{self, InvalidProbes};
 use crate::sidecar::{self, ADMIN_PORT};
 
 /// Why a pod is left as it is.
@@ -67,6 +68,8 @@ pub enum Plan {
 pub enum Denied {
     #[error("{0}")]
     Annotations(#[from] InvalidAnnotations),
+    #[error("{0}")]
+    Probes(#[from] InvalidProbes),
     #[error(
         "the pod already has a {what} named {name:?}, a name Trellis injection adds; \
          rename it, or set the annotation trellis.dev/inject: disabled"
@@ -81,6 +84,7 @@ impl Denied {
     pub fn label(&self) -> &'static str {
         match self {
             Denied::Annotations(_) => "invalid_annotation",
+            Denied::Probes(_) => "invalid_probe",
             Denied::NameTaken { .. } => "name_taken",
             Denied::NotAPod(_) => "not_a_pod",
         }
@@ -153,7 +157,9 @@ pub fn plan(pod: &Value, namespace: Option<&str>, settings: &Settings) -> Result
             });
         }
     }
-    let sidecar = sidecar::build(settings, &overrides)?;
+    let plaintext =
+        probes::inbound_plaintext_ports(&spec, overrides.inbound_plaintext_ports.as_ref())?;
+    let sidecar = sidecar::build(settings, &overrides, &plaintext)?;
     let first_app_container = spec.containers.first().map(|c| c.name.as_str());
     Ok(Plan::Inject(operations(
         pod,

@@ -129,6 +129,22 @@ fn refusals_name_the_problem() {
             "annotation trellis.dev/proxy-memory-request: 64Mi is above the memory limit 32Mi",
         ),
         (
+            pod(
+                json!({"containers": [{"name": "app", "readinessProbe": {"httpGet": {"port": "web"}}}]}),
+                Value::Null,
+            ),
+            "invalid_probe",
+            "container \"app\": readinessProbe port \"web\" is not a port name of the container",
+        ),
+        (
+            pod(
+                json!({}),
+                json!({"trellis.dev/inbound-plaintext-ports": "8080,metrics"}),
+            ),
+            "invalid_annotation",
+            "annotation trellis.dev/inbound-plaintext-ports: \"metrics\" is not a port number",
+        ),
+        (
             json!({"metadata": {}}),
             "not_a_pod",
             "the object is not a pod: it has no spec",
@@ -279,4 +295,52 @@ fn the_patch_only_adds() {
             "/metadata/annotations/trellis.dev~1proxy-version",
         ]
     );
+}
+
+/// The proxy's `TRELLIS_INBOUND_PLAINTEXT_PORTS`, whichever list the proxy was put in.
+fn plaintext_env(pod: &Value) -> Option<&str> {
+    let proxy = ["/spec/initContainers", "/spec/containers"]
+        .iter()
+        .filter_map(|path| pod.pointer(path).and_then(Value::as_array))
+        .flatten()
+        .find(|c| c["name"] == "trellis-proxy")
+        .unwrap();
+    proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS")
+        .map(|e| e["value"].as_str().unwrap())
+}
+
+#[test]
+fn the_proxy_accepts_plaintext_on_probe_ports_in_both_modes() {
+    let probed = json!({"containers": [{
+        "name": "app",
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+        "livenessProbe": {"tcpSocket": {"port": 8080}},
+        "startupProbe": {"grpc": {"port": 9090}},
+    }]});
+    for mode in [
+        crate::config::SidecarMode::Native,
+        crate::config::SidecarMode::Classic,
+    ] {
+        let mut settings = settings();
+        settings.sidecar_mode = mode;
+        let mut with_probes = pod(
+            probed.clone(),
+            json!({"trellis.dev/inbound-plaintext-ports": "15000-15010"}),
+        );
+        assert_eq!(inject(&mut with_probes, Some("shop"), &settings), Ok(None));
+        assert_eq!(
+            plaintext_env(&with_probes),
+            Some("8080,9090,15000-15010"),
+            "{mode:?}"
+        );
+        // Nothing to open: no variable, so the proxy keeps its default of none.
+        let mut plain = pod(json!({}), Value::Null);
+        assert_eq!(inject(&mut plain, Some("shop"), &settings), Ok(None));
+        assert_eq!(plaintext_env(&plain), None, "{mode:?}");
+    }
 }

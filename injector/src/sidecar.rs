@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::annotations::{self, Invalid, InvalidAnnotations, Overrides, Quantity};
+use crate::annotations::{self, Invalid, InvalidAnnotations, Overrides, PortList, Quantity};
 use crate::config::{Settings, SidecarMode};
 
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
@@ -51,12 +51,17 @@ pub struct Sidecar {
     pub volumes: Vec<Volume>,
 }
 
-/// Builds the sidecar for a pod whose annotations have already been parsed.
-pub fn build(settings: &Settings, overrides: &Overrides) -> Result<Sidecar, InvalidAnnotations> {
+/// Builds the sidecar for a pod whose annotations have already been parsed; `plaintext` is
+/// where its proxy accepts plaintext inbound ([`crate::probes::inbound_plaintext_ports`]).
+pub fn build(
+    settings: &Settings,
+    overrides: &Overrides,
+    plaintext: &PortList,
+) -> Result<Sidecar, InvalidAnnotations> {
     let resources = resources(settings, overrides)?;
     Ok(Sidecar {
         init: init_container(settings, overrides, resources.clone()),
-        proxy: proxy_container(settings, overrides, resources),
+        proxy: proxy_container(settings, overrides, plaintext, resources),
         volumes: volumes(),
     })
 }
@@ -221,6 +226,7 @@ fn admin_probe(path: &str, period_seconds: i32, failure_threshold: Option<i32>) 
 fn proxy_container(
     settings: &Settings,
     overrides: &Overrides,
+    plaintext: &PortList,
     resources: ResourceRequirements,
 ) -> Container {
     let log = overrides
@@ -228,22 +234,30 @@ fn proxy_container(
         .clone()
         .unwrap_or_else(|| settings.proxy_log_level.clone());
     let native = settings.sidecar_mode == SidecarMode::Native;
+    let mut env_vars = vec![
+        env_field("TRELLIS_POD_NAME", "metadata.name"),
+        env_field("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
+        env_field("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        env_field("TRELLIS_POD_IP", "status.podIP"),
+        env("TRELLIS_CONTROLLER_ADDR", &settings.controller_addr),
+        env("TRELLIS_IDENTITY_ADDR", &settings.identity_addr),
+        env("TRELLIS_TRUST_DOMAIN", &settings.trust_domain),
+        env("TRELLIS_TRUST_ANCHORS", &settings.trust_anchors_pem),
+        env("TRELLIS_TOKEN_PATH", TOKEN_PATH),
+        env("TRELLIS_LOG", log),
+    ];
+    // With identity on, the proxy refuses plaintext inbound elsewhere, kubelet probes included.
+    if !plaintext.is_empty() {
+        env_vars.push(env(
+            "TRELLIS_INBOUND_PLAINTEXT_PORTS",
+            plaintext.to_string(),
+        ));
+    }
     Container {
         name: PROXY_CONTAINER.to_string(),
         image: Some(settings.proxy_image.clone()),
         args: Some(vec!["run".to_string()]),
-        env: Some(vec![
-            env_field("TRELLIS_POD_NAME", "metadata.name"),
-            env_field("TRELLIS_POD_NAMESPACE", "metadata.namespace"),
-            env_field("TRELLIS_SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            env_field("TRELLIS_POD_IP", "status.podIP"),
-            env("TRELLIS_CONTROLLER_ADDR", &settings.controller_addr),
-            env("TRELLIS_IDENTITY_ADDR", &settings.identity_addr),
-            env("TRELLIS_TRUST_DOMAIN", &settings.trust_domain),
-            env("TRELLIS_TRUST_ANCHORS", &settings.trust_anchors_pem),
-            env("TRELLIS_TOKEN_PATH", TOKEN_PATH),
-            env("TRELLIS_LOG", log),
-        ]),
+        env: Some(env_vars),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.to_string()),
             container_port: ADMIN_PORT,

@@ -142,6 +142,29 @@ fn each_good_annotation() {
         ),
         (("trellis.dev/skip-outbound-ports", ""), Box::new(|_| {})),
         (
+            ("trellis.dev/inbound-plaintext-ports", "15000-15010, 443"),
+            Box::new(|p| {
+                set_env(
+                    proxy(p),
+                    "TRELLIS_INBOUND_PLAINTEXT_PORTS",
+                    "443,8080,15000-15010",
+                )
+            }),
+        ),
+        // The probe port already opens it.
+        (
+            ("trellis.dev/inbound-plaintext-ports", "8080"),
+            Box::new(|_| {}),
+        ),
+        (
+            ("trellis.dev/inbound-plaintext-ports", "8000-8100"),
+            Box::new(|p| set_env(proxy(p), "TRELLIS_INBOUND_PLAINTEXT_PORTS", "8000-8100")),
+        ),
+        (
+            ("trellis.dev/inbound-plaintext-ports", ""),
+            Box::new(|_| {}),
+        ),
+        (
             ("trellis.dev/proxy-log-level", "debug"),
             Box::new(|p| set_env(proxy(p), "TRELLIS_LOG", "debug")),
         ),
@@ -215,6 +238,16 @@ fn each_bad_annotation_denies_with_its_name_and_problem() {
             "trellis.dev/skip-outbound-ports",
             "9000-8000",
             "annotation trellis.dev/skip-outbound-ports: range \"9000-8000\" starts after it ends (write it as 8000-9000)",
+        ),
+        (
+            "trellis.dev/inbound-plaintext-ports",
+            "8080,metrics",
+            "annotation trellis.dev/inbound-plaintext-ports: \"metrics\" is not a port number",
+        ),
+        (
+            "trellis.dev/inbound-plaintext-ports",
+            "9100-9000",
+            "annotation trellis.dev/inbound-plaintext-ports: range \"9100-9000\" starts after it ends (write it as 9000-9100)",
         ),
         (
             "trellis.dev/proxy-log-level",
@@ -306,4 +339,97 @@ fn name_collisions_are_denied_clearly() {
             "{got}"
         );
     }
+}
+
+/// The plain pod with its app container's probes replaced by `probes`.
+fn with_probes(probes: Value) -> Value {
+    let mut review = plain_pod();
+    let app = review["request"]["object"]["spec"]["containers"][0]
+        .as_object_mut()
+        .unwrap();
+    app.retain(|key, _| !key.ends_with("Probe"));
+    app.extend(probes.as_object().unwrap().clone());
+    review
+}
+
+fn plaintext_env(pod: &mut Value) -> Option<String> {
+    proxy(pod)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS")
+        .map(|e| e["value"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn probe_ports_accept_plaintext() {
+    let cases = [
+        (
+            "named httpGet port",
+            json!({"readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}),
+            Some("8080"),
+        ),
+        (
+            "numeric httpGet port",
+            json!({"readinessProbe": {"httpGet": {"path": "/ready", "port": 8081}}}),
+            Some("8081"),
+        ),
+        (
+            "tcpSocket",
+            json!({"livenessProbe": {"tcpSocket": {"port": 9000}}}),
+            Some("9000"),
+        ),
+        (
+            "grpc",
+            json!({"startupProbe": {"grpc": {"port": 9090}}}),
+            Some("9090"),
+        ),
+        (
+            "all three, sorted",
+            json!({
+                "startupProbe": {"grpc": {"port": 9090}},
+                "livenessProbe": {"tcpSocket": {"port": 9000}},
+                "readinessProbe": {"httpGet": {"port": "http"}},
+            }),
+            Some("8080,9000,9090"),
+        ),
+        (
+            "exec probe",
+            json!({"livenessProbe": {"exec": {"command": ["/bin/check"]}}}),
+            None,
+        ),
+        ("no probes", json!({}), None),
+    ];
+    for (name, probes, want) in cases {
+        let (response, pod) = answer(&with_probes(probes), SidecarMode::Native);
+        assert_eq!(response["allowed"], true, "{name}");
+        let mut pod = pod.expect("a patch");
+        assert_eq!(plaintext_env(&mut pod).as_deref(), want, "{name}");
+    }
+
+    // Without probes, the pod is the golden one minus its probes and the variable.
+    let (_, pod) = answer(&with_probes(json!({})), SidecarMode::Native);
+    let mut want = read_json("expected/plain-pod.native.json");
+    let app = want["spec"]["containers"][0].as_object_mut().unwrap();
+    app.retain(|key, _| !key.ends_with("Probe"));
+    proxy(&mut want)["env"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|e| e["name"] != "TRELLIS_INBOUND_PLAINTEXT_PORTS");
+    assert_eq!(pod, Some(want));
+}
+
+#[test]
+fn an_unresolvable_probe_port_denies_naming_the_container_and_probe() {
+    let review = with_probes(json!({"readinessProbe": {"httpGet": {"port": "htp"}}}));
+    let (response, pod) = answer(&review, SidecarMode::Native);
+    assert_eq!(pod, None);
+    assert_eq!(response["allowed"], false);
+    assert_eq!(response["status"]["code"], 400);
+    assert_eq!(
+        response["status"]["message"],
+        "trellis-injector: pod shop/catalog-6c9f7d8b5-*: container \"catalog\": readinessProbe \
+         port \"htp\" is not a port name of the container (its port names: http); use one of its \
+         port names or a number"
+    );
 }

@@ -134,6 +134,13 @@ fn every_workload_kind() {
             .iter()
             .any(|e| e["name"] == "TRELLIS_LOG" && e["value"] == "debug")
     );
+    // Its probe port accepts the kubelet's plaintext.
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS" && e["value"] == "8080")
+    );
     assert_eq!(web["initContainers"][0]["env"][0]["value"], "5432");
     // Strings that look like other YAML types stay strings.
     let text = String::from_utf8(output.stdout.clone()).unwrap();

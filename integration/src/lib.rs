@@ -443,3 +443,137 @@ async fn echo(pod: &str, count: &AtomicUsize, req: Request<Incoming>) -> Respons
     }
     res
 }
+
+/// A controller in local mode, three meshed backend pods (`echo-v1-0`, `echo-v2-0`,
+/// `mirror-0`, each an echo app on 8080 with its sidecar) and a client pod's sidecar, all on
+/// the loopback addresses `127.0.<block>.X`.
+pub mod mesh {
+    use std::collections::HashMap;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+
+    use super::{Controller, Echo, Echoed, Sidecar, TestBody};
+
+    pub const NS: &str = "mesh";
+
+    pub fn ip(block: u8, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, block, host))
+    }
+
+    /// Services `echo` (v1 and v2 pods), `echo-v1`, `echo-v2`, `mirror`, and `empty` (no pods),
+    /// each with ports 80 (http) and 7070 (h2c), target port 8080.
+    pub fn cluster(block: u8) -> String {
+        let mut out = String::new();
+        let pods = [
+            ("echo-v1-0", 11, "v1"),
+            ("echo-v2-0", 12, "v2"),
+            ("mirror-0", 13, "mirror"),
+        ];
+        for (name, host, version) in pods {
+            out += &format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, annotations: {{trellis.dev/proxy-version: test}}}}\nspec: {{serviceAccountName: {version}, containers: [{{name: app, image: echo}}]}}\nstatus: {{podIP: {}}}\n",
+                ip(block, host)
+            );
+        }
+        let services: [(&str, &[(&str, u8)]); 5] = [
+            ("echo", &[("echo-v1-0", 11), ("echo-v2-0", 12)]),
+            ("echo-v1", &[("echo-v1-0", 11)]),
+            ("echo-v2", &[("echo-v2-0", 12)]),
+            ("mirror", &[("mirror-0", 13)]),
+            ("empty", &[]),
+        ];
+        for (svc, endpoints) in services {
+            out += &format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {NS}}}\nspec:\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c}}\n"
+            );
+            out += &format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: {NS}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: grpc, port: 8080}}]\nendpoints:\n"
+            );
+            for (pod, host) in endpoints {
+                out += &format!(
+                    "- {{addresses: ['{}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {pod}}}}}\n",
+                    ip(block, *host)
+                );
+            }
+            if endpoints.is_empty() {
+                out = out.trim_end_matches("endpoints:\n").to_string() + "endpoints: []\n";
+            }
+        }
+        out
+    }
+
+    /// A controller, three meshed backend pods and a client pod's sidecar.
+    #[derive(Debug)]
+    pub struct Mesh {
+        pub dir: tempfile::TempDir,
+        pub controller: Controller,
+        pub client: Sidecar,
+        pub apps: HashMap<&'static str, Echo>,
+        pub backends: Vec<Sidecar>,
+    }
+
+    impl Mesh {
+        pub async fn start(block: u8, routes: &str) -> Mesh {
+            Self::start_with(block, routes, |_, _| Vec::new()).await
+        }
+
+        /// As [`Mesh::start`], with extra sidecar flags per pod (name, service account).
+        pub async fn start_with(
+            block: u8,
+            routes: &str,
+            extra: impl Fn(&str, &str) -> Vec<String>,
+        ) -> Mesh {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("cluster.yaml"), cluster(block)).unwrap();
+            std::fs::write(dir.path().join("routes.yaml"), routes).unwrap();
+            let controller = Controller::start(dir.path());
+            let mut apps = HashMap::new();
+            let mut backends = Vec::new();
+            let args = |pod: &str, sa: &str| extra(pod, sa);
+            for (pod, host, sa) in [
+                ("echo-v1-0", 11, "v1"),
+                ("echo-v2-0", 12, "v2"),
+                ("mirror-0", 13, "mirror"),
+            ] {
+                let app = Echo::start(SocketAddr::new(ip(block, host), 8080), pod).await;
+                apps.insert(pod, app);
+                let flags = args(pod, sa);
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                backends.push(Sidecar::start(ip(block, host), NS, controller.addr, &flags));
+            }
+            let flags = args("client-0", "client");
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            let client = Sidecar::start(ip(block, 9), NS, controller.addr, &flags);
+            Mesh {
+                dir,
+                controller,
+                client,
+                apps,
+                backends,
+            }
+        }
+
+        pub fn request(&self, host: &str, path: &str) -> http::request::Builder {
+            Request::get(format!("http://{}{path}", self.client.outbound())).header("host", host)
+        }
+    }
+
+    pub async fn send(
+        client: &hyper_util::client::legacy::Client<
+            hyper_util::client::legacy::connect::HttpConnector,
+            TestBody,
+        >,
+        req: Request<TestBody>,
+    ) -> (StatusCode, http::HeaderMap, Option<Echoed>) {
+        let res = client.request(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            serde_json::from_slice(&bytes).ok(),
+        )
+    }
+}

@@ -4,63 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use http::{Request, StatusCode};
-use http_body_util::BodyExt;
-use trellis_integration::{
-    Controller, Echo, Echoed, Sidecar, TestBody, body, empty, http1_client, http2_client,
-};
-
-const NS: &str = "mesh";
-
-fn ip(block: u8, host: u8) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, block, host))
-}
-
-/// Services `echo` (v1 and v2 pods), `echo-v1`, `echo-v2`, `mirror`, and `empty` (no pods),
-/// each with ports 80 (http) and 7070 (h2c), target port 8080.
-fn cluster(block: u8) -> String {
-    let mut out = String::new();
-    let pods = [
-        ("echo-v1-0", 11, "v1"),
-        ("echo-v2-0", 12, "v2"),
-        ("mirror-0", 13, "mirror"),
-    ];
-    for (name, host, version) in pods {
-        out += &format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}, annotations: {{trellis.dev/proxy-version: test}}}}\nspec: {{serviceAccountName: {version}, containers: [{{name: app, image: echo}}]}}\nstatus: {{podIP: {}}}\n",
-            ip(block, host)
-        );
-    }
-    let services: [(&str, &[(&str, u8)]); 5] = [
-        ("echo", &[("echo-v1-0", 11), ("echo-v2-0", 12)]),
-        ("echo-v1", &[("echo-v1-0", 11)]),
-        ("echo-v2", &[("echo-v2-0", 12)]),
-        ("mirror", &[("mirror-0", 13)]),
-        ("empty", &[]),
-    ];
-    for (svc, endpoints) in services {
-        out += &format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {NS}}}\nspec:\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: grpc, port: 7070, targetPort: 8080, appProtocol: kubernetes.io/h2c}}\n"
-        );
-        out += &format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, namespace: {NS}, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: grpc, port: 8080}}]\nendpoints:\n"
-        );
-        for (pod, host) in endpoints {
-            out += &format!(
-                "- {{addresses: ['{}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {pod}}}}}\n",
-                ip(block, *host)
-            );
-        }
-        if endpoints.is_empty() {
-            out = out.trim_end_matches("endpoints:\n").to_string() + "endpoints: []\n";
-        }
-    }
-    out
-}
+use http::Request;
+use trellis_integration::mesh::{Mesh, ip, send};
+use trellis_integration::{body, empty, http1_client, http2_client};
 
 const ROUTES: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -126,60 +74,6 @@ spec:
     - {name: echo-v2, port: 7070, weight: 30}
     - {name: echo-v3, port: 7070, weight: 0}
 "#;
-
-/// A controller, three meshed backend pods and a client pod's sidecar.
-struct Mesh {
-    dir: tempfile::TempDir,
-    controller: Controller,
-    client: Sidecar,
-    apps: HashMap<&'static str, Echo>,
-    _backends: Vec<Sidecar>,
-}
-
-impl Mesh {
-    async fn start(block: u8, routes: &str) -> Mesh {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("cluster.yaml"), cluster(block)).unwrap();
-        std::fs::write(dir.path().join("routes.yaml"), routes).unwrap();
-        let controller = Controller::start(dir.path());
-        let mut apps = HashMap::new();
-        let mut backends = Vec::new();
-        for (pod, host) in [("echo-v1-0", 11), ("echo-v2-0", 12), ("mirror-0", 13)] {
-            let app = Echo::start(SocketAddr::new(ip(block, host), 8080), pod).await;
-            apps.insert(pod, app);
-            backends.push(Sidecar::start(ip(block, host), NS, controller.addr, &[]));
-        }
-        let client = Sidecar::start(ip(block, 9), NS, controller.addr, &[]);
-        Mesh {
-            dir,
-            controller,
-            client,
-            apps,
-            _backends: backends,
-        }
-    }
-
-    fn request(&self, host: &str, path: &str) -> http::request::Builder {
-        Request::get(format!("http://{}{path}", self.client.outbound())).header("host", host)
-    }
-}
-
-async fn send(
-    client: &hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        TestBody,
-    >,
-    req: Request<TestBody>,
-) -> (StatusCode, http::HeaderMap, Option<Echoed>) {
-    let res = client.request(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        serde_json::from_slice(&bytes).ok(),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_filters_and_errors_through_a_pair_of_sidecars() {
