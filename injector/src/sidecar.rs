@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Probe, ProjectedVolumeSource, ResourceRequirements,
-    SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
-    VolumeProjection,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ExecAction,
+    HTTPGetAction, Lifecycle, LifecycleHandler, ObjectFieldSelector, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -267,6 +267,17 @@ fn proxy_container(
         // Native sidecar: the kubelet starts the next init container (and so the app) only
         // once the startup probe passes, so the app never runs without its proxy.
         restart_policy: native.then(|| "Always".to_string()),
+        // Classic sidecar: the kubelet starts the next container only once postStart returns,
+        // so waiting here for readiness keeps the app from starting before its proxy.
+        lifecycle: (!native).then(|| Lifecycle {
+            post_start: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["trellis-proxy".to_string(), "await-ready".to_string()]),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         startup_probe: Some(admin_probe(
             "/ready",
             STARTUP_PERIOD_SECONDS,

@@ -178,3 +178,30 @@ async fn opaque_tcp_is_copied_both_ways_with_half_close() {
     .unwrap();
     assert_eq!(reply, "echo:select 1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_ready_returns_once_the_sidecar_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.yaml"), "").unwrap();
+    let controller = Controller::start(dir.path());
+    let sidecar = Sidecar::start(ip(44, 9), "shop", controller.addr, &[]);
+    let wait = |addr: SocketAddr| {
+        std::process::Command::new(trellis_integration::binary("trellis-proxy"))
+            .args([
+                "await-ready",
+                "--admin-addr",
+                &addr.to_string(),
+                "--timeout",
+                "2s",
+            ])
+            .status()
+            .unwrap()
+    };
+    let admin = sidecar.admin();
+    let (ready, absent) =
+        tokio::task::spawn_blocking(move || (wait(admin), wait(SocketAddr::new(ip(44, 10), 4191))))
+            .await
+            .unwrap();
+    assert!(ready.success());
+    assert_eq!(absent.code(), Some(1));
+}

@@ -20,11 +20,55 @@ enum Command {
     Run(Box<config::Args>),
     /// Program the pod's iptables so its TCP traffic goes through the sidecar.
     Init(init::Args),
+    /// Wait until the sidecar in this pod is ready (a classic sidecar's postStart hook).
+    AwaitReady(AwaitReady),
+}
+
+#[derive(Debug, clap::Args)]
+struct AwaitReady {
+    /// The sidecar's admin address.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
+    admin_addr: std::net::SocketAddr,
+    /// Give up after this long.
+    #[arg(long, default_value = "120s", value_parser = config::parse_duration)]
+    timeout: std::time::Duration,
+}
+
+/// Polls `/ready` until it answers 200; exit 0 then, 1 at the timeout.
+fn await_ready(args: &AwaitReady) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + args.timeout;
+    // A wildcard admin address is reached on loopback.
+    let addr = match args.admin_addr.ip().is_unspecified() {
+        true => std::net::SocketAddr::from(([127, 0, 0, 1], args.admin_addr.port())),
+        false => args.admin_addr,
+    };
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut out = Vec::new();
+            if s.write_all(b"GET /ready HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+                .is_ok()
+                && s.read_to_end(&mut out).is_ok()
+                && out.starts_with(b"HTTP/1.1 200")
+            {
+                return ExitCode::SUCCESS;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "error: the sidecar at {addr} was not ready within {:?}",
+        args.timeout
+    );
+    ExitCode::FAILURE
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => run::main(*args),
         Command::Init(args) => init::main(args),
+        Command::AwaitReady(args) => await_ready(&args),
     }
 }
