@@ -218,7 +218,7 @@ fn explain_prints_route_rule_backends_and_redirects() {
         "--from",
         "shop",
         "--to",
-        "10.244.1.20:8080",
+        "127.0.10.20:8080",
     ]);
     let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(e["routing"], "unrouted");

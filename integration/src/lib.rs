@@ -310,6 +310,118 @@ pub fn http2_client()
         .build_http()
 }
 
+/// `trellis-identity` in local mode: fresh trust material, a token per service account, and
+/// the certify endpoint on `ip:8080`.
+#[derive(Debug)]
+pub struct Ca {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    process: Option<Process>,
+}
+
+impl Ca {
+    pub fn new(ip: IpAddr, lifetime: &str, accounts: &[(&str, &str)]) -> Ca {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new(binary("trellis-identity"))
+            .arg("bootstrap")
+            .args(Self::files(dir.path()))
+            .arg("--root-key")
+            .arg(dir.path().join("root.key"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let tokens: String = accounts
+            .iter()
+            .map(|(ns, sa)| format!("token-{ns}-{sa} {ns} {sa}\n"))
+            .collect();
+        std::fs::write(dir.path().join("tokens"), tokens).unwrap();
+        for (ns, sa) in accounts {
+            let name = format!("token-{ns}-{sa}");
+            std::fs::write(dir.path().join(&name), &name).unwrap();
+        }
+        let mut ca = Ca {
+            addr: SocketAddr::new(ip, 8080),
+            dir,
+            process: None,
+        };
+        ca.start(lifetime);
+        ca
+    }
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for (flag, file) in [
+            ("--trust-anchors", "ca.crt"),
+            ("--issuer-cert", "issuer.crt"),
+            ("--issuer-key", "issuer.key"),
+        ] {
+            out.push(PathBuf::from(flag));
+            out.push(dir.join(file));
+        }
+        out
+    }
+
+    pub fn start(&mut self, lifetime: &str) {
+        let mut cmd = Command::new(binary("trellis-identity"));
+        cmd.arg("serve")
+            .args(["--certify-addr", &self.addr.to_string()])
+            .args([
+                "--admin-addr",
+                &SocketAddr::new(self.addr.ip(), 9990).to_string(),
+            ])
+            .args(["--server-name", &self.addr.ip().to_string()])
+            .arg("--token-file")
+            .arg(self.dir.path().join("tokens"))
+            .args(["--cert-lifetime", lifetime, "--reload-interval", "200ms"])
+            .args(Self::files(self.dir.path()));
+        let process = Process::spawn(cmd);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "identity did not start:\n{}",
+                process.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.process = Some(process);
+    }
+
+    pub fn stop(&mut self) {
+        self.process = None;
+    }
+
+    /// Sidecar flags for a pod of service account `ns/sa`.
+    pub fn flags(&self, ns: &str, sa: &str) -> Vec<String> {
+        vec![
+            "--identity-addr".into(),
+            self.addr.to_string(),
+            "--trust-anchors".into(),
+            self.dir.path().join("ca.crt").display().to_string(),
+            "--token-path".into(),
+            self.dir
+                .path()
+                .join(format!("token-{ns}-{sa}"))
+                .display()
+                .to_string(),
+            "--service-account".into(),
+            sa.into(),
+        ]
+    }
+
+    pub fn renew_issuer(&self) {
+        let status = Command::new(binary("trellis-identity"))
+            .arg("bootstrap")
+            .args(Self::files(self.dir.path()))
+            .arg("--root-key")
+            .arg(self.dir.path().join("root.key"))
+            .arg("--renew-issuer")
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 /// What the echo app saw of a request: its answer body, as JSON.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
 pub struct Echoed {

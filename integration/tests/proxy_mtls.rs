@@ -5,12 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use trellis_integration::mesh::{Mesh, NS, ip, send};
-use trellis_integration::{Process, binary, body, empty, http1_client, http2_client};
+use trellis_integration::{Ca, body, empty, http1_client, http2_client};
 
 const ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -24,121 +22,13 @@ spec:
 
 const SERVICE_ACCOUNTS: [&str; 4] = ["client", "v1", "v2", "mirror"];
 
-/// The trust material, a token per service account, and identity serving on `127.0.B.100`.
-struct Ca {
-    dir: tempfile::TempDir,
-    addr: SocketAddr,
-    process: Option<Process>,
-}
-
-impl Ca {
-    fn new(block: u8, lifetime: &str) -> Ca {
-        let dir = tempfile::tempdir().unwrap();
-        let status = Command::new(binary("trellis-identity"))
-            .arg("bootstrap")
-            .args(Self::files(dir.path()))
-            .arg("--root-key")
-            .arg(dir.path().join("root.key"))
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let tokens: String = SERVICE_ACCOUNTS
-            .iter()
-            .map(|sa| format!("token-{sa} {NS} {sa}\n"))
-            .collect();
-        std::fs::write(dir.path().join("tokens"), tokens).unwrap();
-        for sa in SERVICE_ACCOUNTS {
-            std::fs::write(
-                dir.path().join(format!("token-{sa}")),
-                format!("token-{sa}"),
-            )
-            .unwrap();
-        }
-        let mut ca = Ca {
-            addr: SocketAddr::new(ip(block, 100), 8080),
-            dir,
-            process: None,
-        };
-        ca.start(lifetime);
-        ca
-    }
-
-    fn files(dir: &Path) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        for (flag, file) in [
-            ("--trust-anchors", "ca.crt"),
-            ("--issuer-cert", "issuer.crt"),
-            ("--issuer-key", "issuer.key"),
-        ] {
-            out.push(PathBuf::from(flag));
-            out.push(dir.join(file));
-        }
-        out
-    }
-
-    fn start(&mut self, lifetime: &str) {
-        let mut cmd = Command::new(binary("trellis-identity"));
-        cmd.arg("serve")
-            .args(["--certify-addr", &self.addr.to_string()])
-            .args([
-                "--admin-addr",
-                &SocketAddr::new(self.addr.ip(), 9990).to_string(),
-            ])
-            .args(["--server-name", &self.addr.ip().to_string()])
-            .arg("--token-file")
-            .arg(self.dir.path().join("tokens"))
-            .args(["--cert-lifetime", lifetime, "--reload-interval", "200ms"])
-            .args(Self::files(self.dir.path()));
-        let process = Process::spawn(cmd);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "identity did not start:\n{}",
-                process.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.process = Some(process);
-    }
-
-    fn stop(&mut self) {
-        self.process = None;
-    }
-
-    /// Sidecar flags for a pod of service account `sa`.
-    fn flags(&self, sa: &str) -> Vec<String> {
-        vec![
-            "--identity-addr".into(),
-            self.addr.to_string(),
-            "--trust-anchors".into(),
-            self.dir.path().join("ca.crt").display().to_string(),
-            "--token-path".into(),
-            self.dir
-                .path()
-                .join(format!("token-{sa}"))
-                .display()
-                .to_string(),
-            "--service-account".into(),
-            sa.into(),
-        ]
-    }
-
-    fn renew_issuer(&self) {
-        let status = Command::new(binary("trellis-identity"))
-            .arg("bootstrap")
-            .args(Self::files(self.dir.path()))
-            .arg("--root-key")
-            .arg(self.dir.path().join("root.key"))
-            .arg("--renew-issuer")
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+fn ca(block: u8, lifetime: &str) -> Ca {
+    let accounts: Vec<(&str, &str)> = SERVICE_ACCOUNTS.iter().map(|sa| (NS, *sa)).collect();
+    Ca::new(ip(block, 100), lifetime, &accounts)
 }
 
 async fn mesh(block: u8, ca: &Ca) -> Mesh {
-    Mesh::start_with(block, ROUTE, |_, sa| ca.flags(sa)).await
+    Mesh::start_with(block, ROUTE, |_, sa| ca.flags(NS, sa)).await
 }
 
 /// Sends requests back to back for `how_long`; returns (sent, failed).
@@ -170,7 +60,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_speak_mutual_tls_and_name_the_client() {
-    let ca = Ca::new(61, "1h");
+    let ca = ca(61, "1h");
     let mesh = mesh(61, &ca).await;
     let (status, _, echoed) = send(
         &http1_client(),
@@ -220,7 +110,7 @@ async fn sidecars_speak_mutual_tls_and_name_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_is_refused_on_mesh_only_ports() {
-    let ca = Ca::new(62, "1h");
+    let ca = ca(62, "1h");
     let mesh = mesh(62, &ca).await;
     let inbound = SocketAddr::new(ip(62, 11), 4143);
     let answer = tokio::task::spawn_blocking(move || {
@@ -245,7 +135,7 @@ async fn plaintext_is_refused_on_mesh_only_ports() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_and_a_new_issuer_under_load_fail_no_request() {
-    let ca = Ca::new(63, "6s");
+    let ca = ca(63, "6s");
     let mesh = mesh(63, &ca).await;
     let traffic = load(&mesh, Duration::from_secs(13));
     let rotate = async {
@@ -270,7 +160,7 @@ async fn renewal_and_a_new_issuer_under_load_fail_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_down_past_a_renewal_does_not_fail_traffic() {
-    let mut ca = Ca::new(64, "20s");
+    let mut ca = ca(64, "20s");
     let mesh = mesh(64, &ca).await;
     ca.stop();
     // Renewal is due after 13–15 s; the certificates stay valid for 20 s.
