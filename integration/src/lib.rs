@@ -88,11 +88,17 @@ spec:
     }
 }
 
-/// A binary of the workspace, built next to the running test (`target/debug`).
+/// A binary of the workspace, built next to the running test or binary (`target/debug`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
+    // Tests run from target/debug/deps, binaries (the demo) from target/debug itself.
+    let here = exe.parent().unwrap();
+    let bin = if here.join(&file).is_file() {
+        here.join(&file)
+    } else {
+        here.parent().unwrap().join(&file)
+    };
     assert!(
         bin.is_file(),
         "{} not found: run `cargo build --workspace --bins` before the integration tests",
