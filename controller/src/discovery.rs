@@ -4,6 +4,9 @@
 //! One task per stream waits for the index to change, recomputes that stream's policy and
 //! sends it only when it differs from the last one sent, so an unrelated change costs each
 //! stream one lookup and no bytes on the wire.
+//!
+//! With mutual TLS ([`serve_tls`]) the client's namespace is the one in its certificate: a
+//! proxy cannot ask for the consumer routes of a namespace it does not run in.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,9 +22,12 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use trellis_api::Identity;
 use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
 use trellis_api::policy::OutboundPolicy;
 
@@ -35,6 +41,8 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 /// Pings find proxies that vanished without closing the connection (node loss), whose stream
 /// tasks would otherwise wait forever.
 const KEEPALIVE: Duration = Duration::from_secs(20);
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the server asks of the model; implemented by [`Index`], and by fakes in tests so that
 /// the protocol can be tested apart from the compilation of routes.
@@ -48,12 +56,43 @@ impl Policies for Index {
     }
 }
 
+/// Who asks, and so where its namespace comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// Plaintext discovery (local development): the `namespace` parameter is believed.
+    Unverified,
+    /// Mutual TLS: the SPIFFE ID in the client's certificate.
+    Mesh(Identity),
+    /// Mutual TLS with a certificate from the trust anchors that carries no mesh identity.
+    Unnamed,
+}
+
 /// Serves discovery on `listener` (HTTP/2 with prior knowledge and HTTP/1.1 on the same port)
 /// until `shutdown` completes; then stops accepting, ends every stream and waits a bounded
-/// time for connections to close.
+/// time for connections to close. Plaintext: each client's `namespace` parameter is believed.
 pub async fn serve<P: Policies>(
     listener: TcpListener,
     index: watch::Receiver<Arc<P>>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve_with(listener, index, None, shutdown).await
+}
+
+/// As [`serve`], but mutual TLS only, with `tls` (which should require client certificates):
+/// each client's namespace is the namespace of the SPIFFE ID in its certificate.
+pub async fn serve_tls<P: Policies>(
+    listener: TcpListener,
+    index: watch::Receiver<Arc<P>>,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    serve_with(listener, index, Some(TlsAcceptor::from(tls)), shutdown).await
+}
+
+async fn serve_with<P: Policies>(
+    listener: TcpListener,
+    index: watch::Receiver<Arc<P>>,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -74,7 +113,7 @@ pub async fn serve<P: Policies>(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let conn = serve_connection(builder.clone(), stream, index.clone(), stop_rx.clone());
+                    let conn = accept(builder.clone(), stream, tls.clone(), index.clone(), stop_rx.clone());
                     connections.spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, "discovery connection ended: {e}");
@@ -107,17 +146,63 @@ pub async fn serve<P: Policies>(
     Ok(())
 }
 
-async fn serve_connection<P: Policies>(
+type ConnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One accepted connection: the TLS handshake when `tls` is set, then HTTP.
+async fn accept<P: Policies>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    tls: Option<TlsAcceptor>,
     index: watch::Receiver<Arc<P>>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
     // Snapshots are small and latency matters more than packet count.
     stream.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        return serve_connection(builder, stream, Client::Unverified, index, stop).await;
+    };
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            // A plaintext client, one without a mesh certificate, or a stranger's.
+            tracing::info!(%peer, "discovery: mutual TLS handshake failed: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            tracing::info!(
+                %peer,
+                "discovery: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+            );
+            return Ok(());
+        }
+    };
+    let client = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(trellis_tls::mesh::identity_of_cert)
+        .map_or(Client::Unnamed, Client::Mesh);
+    tracing::debug!(%peer, ?client, "discovery: mutual TLS connection");
+    serve_connection(builder, stream, client, index, stop).await
+}
+
+async fn serve_connection<P: Policies, I>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: I,
+    client: Client,
+    index: watch::Receiver<Arc<P>>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stream_stop = stop.clone();
     let service = service_fn(move |req| {
-        let response = handle(req, &index, &stream_stop);
+        let response = handle(req, &client, &index, &stream_stop);
         async move { Ok::<_, Infallible>(response) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -133,6 +218,7 @@ async fn serve_connection<P: Policies>(
 
 fn handle<P: Policies>(
     req: Request<Incoming>,
+    client: &Client,
     index: &watch::Receiver<Arc<P>>,
     stop: &watch::Receiver<bool>,
 ) -> Response<ResponseBody> {
@@ -152,9 +238,13 @@ fn handle<P: Policies>(
             .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return response;
     }
-    let (namespace, target) = match parse_query(req.uri().query().unwrap_or_default()) {
+    let (asked, target) = match parse_query(req.uri().query().unwrap_or_default()) {
         Ok(params) => params,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let namespace = match client_namespace(client, asked) {
+        Ok(namespace) => namespace,
+        Err((status, message)) => return error(status, message),
     };
 
     let mut index = index.clone();
@@ -243,8 +333,40 @@ fn encode(policy: &OutboundPolicy) -> Option<Bytes> {
     }
 }
 
-/// Reads `namespace` and `target`; the error is the message of the 400 answer.
-pub fn parse_query(query: &str) -> Result<(String, Target), String> {
+/// The namespace whose consumer routes apply to `client`, given the `namespace` parameter it
+/// sent; the error is the status and message of the answer.
+pub fn client_namespace(
+    client: &Client,
+    asked: Option<String>,
+) -> Result<String, (StatusCode, String)> {
+    match (client, asked) {
+        (Client::Unverified, Some(namespace)) => Ok(namespace),
+        (Client::Unverified, None) => Err((
+            StatusCode::BAD_REQUEST,
+            "missing parameter \"namespace\" (the client's namespace)".to_string(),
+        )),
+        (Client::Mesh(id), None) => Ok(id.namespace.clone()),
+        (Client::Mesh(id), Some(namespace)) if namespace == id.namespace => Ok(namespace),
+        // Refused rather than corrected: a proxy that asks for another namespace is
+        // misconfigured, and its routes would silently differ from what it expects.
+        (Client::Mesh(id), Some(namespace)) => Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "namespace {namespace:?} is not the client's: its certificate is {id}; \
+                 ask for namespace {:?} or leave the parameter out",
+                id.namespace
+            ),
+        )),
+        (Client::Unnamed, _) => Err((
+            StatusCode::FORBIDDEN,
+            "the client certificate carries no mesh identity (a spiffe:// URI SAN)".to_string(),
+        )),
+    }
+}
+
+/// Reads `namespace` (optional: with mutual TLS the certificate names it) and `target`; the
+/// error is the message of the 400 answer.
+pub fn parse_query(query: &str) -> Result<(Option<String>, Target), String> {
     let (mut namespace, mut target) = (None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -261,8 +383,7 @@ pub fn parse_query(query: &str) -> Result<(String, Target), String> {
             return Err(format!("parameter {key:?} is given twice"));
         }
     }
-    let namespace = namespace.ok_or("missing parameter \"namespace\" (the client's namespace)")?;
-    if !is_dns_label(&namespace) {
+    if let Some(namespace) = namespace.as_ref().filter(|ns| !is_dns_label(ns)) {
         return Err(format!(
             "namespace {namespace:?} is not a valid namespace name"
         ));
@@ -334,15 +455,17 @@ mod tests {
     #[test]
     fn query_parameters() {
         let ok = parse_query("namespace=shop&target=web.shop%3A80&other=1").unwrap();
-        assert_eq!(ok, ("shop".to_string(), "web.shop:80".parse().unwrap()));
+        assert_eq!(
+            ok,
+            (Some("shop".to_string()), "web.shop:80".parse().unwrap())
+        );
+        let ok = parse_query("target=web.shop%3A80").unwrap();
+        assert_eq!(ok, (None, "web.shop:80".parse().unwrap()));
         let ok = parse_query("target=%5Bfd00%3A%3A1%5D%3A8080&namespace=default").unwrap();
         assert_eq!(ok.1, "[fd00::1]:8080".parse().unwrap());
 
         let cases = [
-            (
-                "",
-                "missing parameter \"namespace\" (the client's namespace)",
-            ),
+            ("", "missing parameter \"target\" (host:port or ip:port)"),
             (
                 "namespace=shop",
                 "missing parameter \"target\" (host:port or ip:port)",
@@ -366,6 +489,34 @@ mod tests {
         ];
         for (query, want) in cases {
             assert_eq!(parse_query(query).unwrap_err(), want, "{query}");
+        }
+    }
+
+    #[test]
+    fn the_namespace_comes_from_the_certificate_when_there_is_one() {
+        let mesh = Client::Mesh(Identity::new("cluster.local", "shop", "web"));
+        let ns = |s: &str| Some(s.to_string());
+        let ok = |s: &str| Ok(s.to_string());
+        assert_eq!(client_namespace(&Client::Unverified, ns("any")), ok("any"));
+        assert_eq!(
+            client_namespace(&Client::Unverified, None).unwrap_err().0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(client_namespace(&mesh, None), ok("shop"));
+        assert_eq!(client_namespace(&mesh, ns("shop")), ok("shop"));
+        let (status, message) = client_namespace(&mesh, ns("other")).unwrap_err();
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            message,
+            "namespace \"other\" is not the client's: its certificate is \
+             spiffe://cluster.local/ns/shop/sa/web; ask for namespace \"shop\" or leave the \
+             parameter out"
+        );
+        for asked in [None, ns("shop")] {
+            assert_eq!(
+                client_namespace(&Client::Unnamed, asked).unwrap_err().0,
+                StatusCode::FORBIDDEN
+            );
         }
     }
 }

@@ -7,7 +7,9 @@
 pub mod check;
 pub mod discovery;
 pub mod explain;
+pub mod identity;
 pub mod index;
+pub mod kubernetes;
 pub mod manifests;
 pub mod objects;
 pub mod serve;

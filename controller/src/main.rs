@@ -25,6 +25,15 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Both rustls providers are linked (ring for kube's client, aws-lc-rs for the mesh, which
+    // names its own explicitly): without a process default, rustls cannot pick one.
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("error: a TLS crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::main(args),

@@ -1,5 +1,6 @@
 //! `trellis-controller serve`: serve discovery to proxies from a directory of manifests
-//! (local mode), reloading it when it changes.
+//! (local mode), reloading it when it changes, or from the cluster's API server
+//! (`--kubernetes`, see [`crate::kubernetes`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use anyhow::{Context as _, bail};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+use crate::identity::{DiscoveryTls, IdentityArgs};
 use crate::index::{Config, Index};
 use crate::manifests::{self, Fingerprint, LoadError};
 use crate::objects::Objects;
@@ -24,8 +26,20 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 pub struct Args {
     /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json: Services, EndpointSlices,
     /// Pods, HTTPRoutes, GRPCRoutes) to serve; reloaded when a file changes.
-    #[arg(long, env = "TRELLIS_MANIFESTS", value_name = "DIR")]
-    pub manifests: PathBuf,
+    #[arg(
+        long,
+        env = "TRELLIS_MANIFESTS",
+        value_name = "DIR",
+        required_unless_present = "kubernetes"
+    )]
+    pub manifests: Option<PathBuf>,
+
+    /// Watch the Kubernetes API server instead of reading --manifests, and write route status.
+    #[arg(long, env = "TRELLIS_KUBERNETES", conflicts_with = "manifests")]
+    pub kubernetes: bool,
+
+    #[command(flatten)]
+    pub cluster: crate::kubernetes::KubernetesArgs,
 
     /// Address of the discovery server (HTTP/2 and HTTP/1.1).
     #[arg(long, env = "TRELLIS_DISCOVERY_ADDR", default_value = "0.0.0.0:8090")]
@@ -42,6 +56,10 @@ pub struct Args {
     /// Log filter, in RUST_LOG syntax (e.g. `info` or `info,trellis_controller=debug`).
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log_level: String,
+
+    /// The controller's own identity, which turns on mutual TLS for discovery.
+    #[command(flatten)]
+    pub identity: IdentityArgs,
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
@@ -85,7 +103,9 @@ pub fn main(args: Args) -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = validate(&args)?;
-    let dir = args.manifests;
+    let Some(dir) = args.manifests.clone() else {
+        return run_kubernetes(args, config).await;
+    };
 
     let fingerprint = manifests::fingerprint(&dir)?;
     let objects = manifests::load_dir(&dir).context("cannot load the manifests")?;
@@ -98,25 +118,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
     log_route_problems(&index);
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
 
+    // Holds the certificate metrics; the admin port that would show them is not served yet.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.discovery_addr))?;
-    let addr = listener.local_addr()?;
-    tracing::info!("listening on {addr}");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let reload = tokio::spawn(reload(dir, config, fingerprint, index_tx, stop_rx));
-    crate::discovery::serve(listener, index_rx, shutdown).await?;
+    crate::identity::serve_discovery(listener, index_rx, tls.as_ref(), shutdown).await?;
     stop_tx.send_replace(true);
     let _ = reload.await;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// `--kubernetes`: the index comes from the cluster's watches. The discovery port opens only
+/// once the initial lists are in, for the reason local mode exits on unreadable manifests.
+async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
+    let mut shutdown = std::pin::pin!(shutdown_signal()?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let namespace = &args.identity.namespace;
+    let mut cluster = crate::kubernetes::start(&args.cluster, namespace, config, stop_rx).await?;
+    if cluster.synced(&mut shutdown).await {
+        let listener = tokio::net::TcpListener::bind(args.discovery_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.discovery_addr))?;
+        let index = cluster.index.clone();
+        crate::identity::serve_discovery(listener, index, tls.as_ref(), shutdown).await?;
+    }
+    stop_tx.send_replace(true);
+    let _ = cluster.task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
 fn validate(args: &Args) -> anyhow::Result<Config> {
-    let dir = &args.manifests;
-    if !dir.is_dir() {
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
         bail!("--manifests {}: not a directory", dir.display());
     }
     let domain_ok = |s: &str| {

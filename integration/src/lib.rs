@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+
 /// Manifests several tests share.
 pub mod manifests {
     /// Service `shop/web` (cluster IP 10.96.0.10, port 80) with one meshed endpoint, pod `web-1`
@@ -199,12 +200,18 @@ impl Controller {
     }
 
     pub fn start_on(manifests: &Path, addr: SocketAddr) -> Controller {
+        Self::start_with(manifests, addr, &[])
+    }
+
+    /// As [`Controller::start_on`], with more `serve` flags (such as [`Ca::controller_flags`]).
+    pub fn start_with(manifests: &Path, addr: SocketAddr, extra: &[String]) -> Controller {
         let mut cmd = Command::new(binary("trellis-controller"));
         cmd.arg("serve")
             .arg("--manifests")
             .arg(manifests)
             .arg("--discovery-addr")
             .arg(addr.to_string())
+            .args(extra)
             .env_remove("TRELLIS_TRUST_DOMAIN")
             .env_remove("TRELLIS_CLUSTER_DOMAIN")
             .env("TRELLIS_LOG", "info");
@@ -316,8 +323,8 @@ pub fn http2_client()
         .build_http()
 }
 
-/// `trellis-identity` in local mode: fresh trust material, a token per service account, and
-/// the certify endpoint on `ip:8080`.
+/// `trellis-identity` in local mode: fresh trust material, a token per service account (and one
+/// for the controller's, [`CONTROLLER_ACCOUNT`]), and the certify endpoint on `ip:8080`.
 #[derive(Debug)]
 pub struct Ca {
     pub dir: tempfile::TempDir,
@@ -336,12 +343,14 @@ impl Ca {
             .status()
             .unwrap();
         assert!(status.success());
+        let mut accounts = accounts.to_vec();
+        accounts.push(CONTROLLER_ACCOUNT);
         let tokens: String = accounts
             .iter()
             .map(|(ns, sa)| format!("token-{ns}-{sa} {ns} {sa}\n"))
             .collect();
         std::fs::write(dir.path().join("tokens"), tokens).unwrap();
-        for (ns, sa) in accounts {
+        for (ns, sa) in &accounts {
             let name = format!("token-{ns}-{sa}");
             std::fs::write(dir.path().join(&name), &name).unwrap();
         }
@@ -415,6 +424,16 @@ impl Ca {
         ]
     }
 
+    /// Controller flags: certified as `CONTROLLER_ACCOUNT`'s namespace and `sa` (another
+    /// service account than the controller's needs its own token in `accounts`), so that
+    /// discovery serves mutual TLS.
+    pub fn controller_flags(&self, sa: &str) -> Vec<String> {
+        let ns = CONTROLLER_ACCOUNT.0;
+        let mut flags = self.flags(ns, sa);
+        flags.extend(["--namespace".into(), ns.into()]);
+        flags
+    }
+
     pub fn renew_issuer(&self) {
         let status = Command::new(binary("trellis-identity"))
             .arg("bootstrap")
@@ -427,6 +446,9 @@ impl Ca {
         assert!(status.success());
     }
 }
+
+/// The controller's namespace and service account, as proxies expect them by default.
+pub const CONTROLLER_ACCOUNT: (&str, &str) = ("trellis-system", "trellis-controller");
 
 /// What the echo app saw of a request: its answer body, as JSON.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -634,19 +656,22 @@ pub mod mesh {
 
     impl Mesh {
         pub async fn start(block: u8, routes: &str) -> Mesh {
-            Self::start_with(block, routes, |_, _| Vec::new()).await
+            Self::start_with(block, routes, &[], |_, _| Vec::new()).await
         }
 
-        /// As [`Mesh::start`], with extra sidecar flags per pod (name, service account).
+        /// As [`Mesh::start`], with extra controller flags, and extra sidecar flags per pod
+        /// (name, service account).
         pub async fn start_with(
             block: u8,
             routes: &str,
+            controller: &[String],
             extra: impl Fn(&str, &str) -> Vec<String>,
         ) -> Mesh {
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("cluster.yaml"), cluster(block)).unwrap();
             std::fs::write(dir.path().join("routes.yaml"), routes).unwrap();
-            let controller = Controller::start(dir.path());
+            let any_port = "127.0.0.1:0".parse().unwrap();
+            let controller = Controller::start_with(dir.path(), any_port, controller);
             let mut apps = HashMap::new();
             let mut backends = Vec::new();
             let args = |pod: &str, sa: &str| extra(pod, sa);

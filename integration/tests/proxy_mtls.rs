@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use trellis_integration::mesh::{Mesh, NS, ip, send};
-use trellis_integration::{Ca, body, empty, http1_client, http2_client};
+use trellis_integration::{CONTROLLER_ACCOUNT, Ca, body, empty, http1_client, http2_client};
 
 const ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -28,7 +28,8 @@ fn ca(block: u8, lifetime: &str) -> Ca {
 }
 
 async fn mesh(block: u8, ca: &Ca) -> Mesh {
-    Mesh::start_with(block, ROUTE, |_, sa| ca.flags(NS, sa)).await
+    let controller = ca.controller_flags(CONTROLLER_ACCOUNT.1);
+    Mesh::start_with(block, ROUTE, &controller, |_, sa| ca.flags(NS, sa)).await
 }
 
 /// Sends requests back to back for `how_long`; returns (sent, failed).

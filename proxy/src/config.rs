@@ -4,6 +4,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use trellis_api::Identity;
+
 /// Ports whose servers speak first (SMTP, MySQL, NATS, PostgreSQL, Redis, Elasticsearch
 /// transport, memcached): waiting for the client to speak would only add the detection timeout.
 pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,5432,6379,9300,11211";
@@ -84,6 +86,10 @@ pub struct Args {
     /// Trust domain of mesh identities.
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_api::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// With identity on, the SPIFFE ID the controller must present on the discovery
+    /// connection; by default `spiffe://<trust-domain>/ns/trellis-system/sa/trellis-controller`.
+    #[arg(long, env = "TRELLIS_CONTROLLER_IDENTITY")]
+    pub controller_identity: Option<String>,
     /// With identity on, inbound ports that still accept plaintext (clients outside the mesh,
     /// kubelet probes); every other port requires mutual TLS. Comma list, ranges allowed.
     #[arg(long, env = "TRELLIS_INBOUND_PLAINTEXT_PORTS", default_value = "")]
@@ -112,7 +118,13 @@ pub enum ConfigError {
     NoAnchors,
     #[error("--trust-anchors: cannot read {path}: {reason}")]
     AnchorsFile { path: String, reason: String },
+    #[error("--controller-identity: {0}")]
+    ControllerIdentity(String),
 }
+
+/// Where the controller runs unless `--controller-identity` says otherwise.
+pub const DEFAULT_CONTROLLER_NAMESPACE: &str = "trellis-system";
+pub const DEFAULT_CONTROLLER_SERVICE_ACCOUNT: &str = "trellis-controller";
 
 /// The validated settings.
 #[derive(Clone, Debug)]
@@ -122,6 +134,8 @@ pub struct Config {
     pub plaintext_ports: PortSet,
     /// Set when identity is on: the trust anchors' PEM text.
     pub anchors_pem: Option<String>,
+    /// Set when identity is on: who the discovery connection must reach.
+    pub controller_identity: Option<Identity>,
 }
 
 impl Args {
@@ -155,12 +169,38 @@ impl Args {
                 )
             }
         };
+        let controller_identity = match &anchors_pem {
+            None => None,
+            Some(_) => Some(self.controller_identity()?),
+        };
         Ok(Config {
             args: self,
             opaque_ports,
             plaintext_ports,
             anchors_pem,
+            controller_identity,
         })
+    }
+
+    fn controller_identity(&self) -> Result<Identity, ConfigError> {
+        let Some(id) = &self.controller_identity else {
+            return Ok(Identity::new(
+                self.trust_domain.clone(),
+                DEFAULT_CONTROLLER_NAMESPACE,
+                DEFAULT_CONTROLLER_SERVICE_ACCOUNT,
+            ));
+        };
+        let id: Identity = id
+            .parse()
+            .map_err(|e| ConfigError::ControllerIdentity(format!("{e}")))?;
+        // Identity certifies one trust domain: a controller outside it could never be verified.
+        if id.trust_domain != self.trust_domain {
+            return Err(ConfigError::ControllerIdentity(format!(
+                "{id} is not in the trust domain {} (--trust-domain)",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
     }
 }
 
@@ -232,6 +272,51 @@ mod tests {
         for bad in ["0", "70000", "a", "10-5", "5-", "1,,x"] {
             assert!(PortSet::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn validate(extra: &[&str]) -> Result<Config, ConfigError> {
+        use clap::Parser as _;
+        let mut argv = vec!["trellis-proxy", "--controller-addr", "c:8090"];
+        argv.extend(["--namespace", "shop"]);
+        argv.extend(extra);
+        Cli::try_parse_from(argv).unwrap().args.validate()
+    }
+
+    #[test]
+    fn controller_identity() {
+        let identity = ["--identity-addr", "id:8080", "--trust-anchors=-----BEGIN x"];
+        assert_eq!(validate(&[]).unwrap().controller_identity, None);
+        assert_eq!(
+            validate(&identity).unwrap().controller_identity,
+            Some(
+                "spiffe://cluster.local/ns/trellis-system/sa/trellis-controller"
+                    .parse()
+                    .unwrap()
+            )
+        );
+        let with = |id: &'static str, td: &'static str| {
+            let mut args = identity.to_vec();
+            args.extend(["--controller-identity", id, "--trust-domain", td]);
+            validate(&args).map(|c| c.controller_identity)
+        };
+        assert_eq!(
+            with("spiffe://mesh.example/ns/cp/sa/ctl", "mesh.example"),
+            Ok(Some(Identity::new("mesh.example", "cp", "ctl")))
+        );
+        assert!(matches!(
+            with("spiffe://other.example/ns/cp/sa/ctl", "mesh.example"),
+            Err(ConfigError::ControllerIdentity(m)) if m.contains("not in the trust domain")
+        ));
+        assert!(matches!(
+            with("trellis-controller", "cluster.local"),
+            Err(ConfigError::ControllerIdentity(m)) if m.contains("not a mesh identity")
+        ));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
 use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
 use trellis_api::policy::OutboundPolicy;
+use trellis_tls::PeerClient;
 
 use crate::balance::EndpointRegistry;
 use crate::config::Config;
@@ -58,6 +59,9 @@ pub struct DiscoveryConfig {
     pub rejected_retry: Duration,
     /// The longest snapshot line accepted; a longer one drops the stream.
     pub max_line: usize,
+    /// Mutual TLS to the controller, with the sidecar's certificate and the controller's
+    /// identity; `None`: plaintext (no identity, local development).
+    pub tls: Option<PeerClient>,
 }
 
 impl DiscoveryConfig {
@@ -75,10 +79,12 @@ impl DiscoveryConfig {
             backoff_max: Duration::from_secs(10),
             rejected_retry: Duration::from_secs(30),
             max_line: 16 * 1024 * 1024,
+            tls: None,
         }
     }
 
-    /// The client settings of `trellis-proxy run`.
+    /// The client settings of `trellis-proxy run`, but for `tls`, which needs the sidecar's
+    /// credentials.
     pub fn from_config(config: &Config) -> Self {
         Self::new(
             &config.args.controller_addr,
@@ -381,8 +387,13 @@ async fn stream(
     received: &mut bool,
 ) -> Result<Infallible, StreamError> {
     let mut send = inner.controller.get().await;
+    let scheme = if inner.cfg.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     let mut uri = format!(
-        "http://{}{OUTBOUND_PATH}?namespace=",
+        "{scheme}://{}{OUTBOUND_PATH}?namespace=",
         inner.cfg.controller_addr
     );
     push_query_value(&mut uri, &inner.cfg.namespace);

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use trellis_api::Identity;
+use trellis_tls::MeshTls;
 
 use crate::balance::EndpointRegistry;
-use crate::tls::MeshTls;
 use tokio::net::TcpStream;
 
 /// The URI scheme of requests to meshed endpoints.
@@ -135,7 +135,8 @@ pub async fn connect(
         Some(tls) => {
             let identity =
                 identity.ok_or_else(|| invalid("a meshed endpoint without an identity"))?;
-            let name = crate::tls::server_name(identity).map_err(|e| invalid(&e.to_string()))?;
+            let name =
+                trellis_tls::mesh::server_name(identity).map_err(|e| invalid(&e.to_string()))?;
             let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
                 .connect(name, stream)
                 .await?;

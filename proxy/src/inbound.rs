@@ -94,7 +94,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(crate::tls::identity_of_cert);
+            .and_then(trellis_tls::mesh::identity_of_cert);
         let mut inner = BytesMut::new();
         match hop::read_preamble(&mut tls_stream, &mut inner, timeout).await {
             Ok(Some(port)) => {

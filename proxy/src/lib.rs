@@ -3,7 +3,9 @@
 //! One module per concern, named after the domain: the two traffic directions (`outbound`,
 //! `inbound`), what they share (`detect`, `http`, `tcp`, `hop` — the single place where a
 //! connection to an endpoint is made), what decides where requests go (`discovery`, `policy`,
-//! `balance`), and the rest of the sidecar (`admin`, `metrics`, `config`, `run`, `init`).
+//! `balance`), and the rest of the sidecar (`admin`, `metrics`, `config`, `run`, `init`). The
+//! workload certificate and mutual TLS live in the `trellis-tls` crate, shared with the
+//! controller.
 
 pub mod admin;
 pub mod balance;
@@ -12,7 +14,6 @@ pub mod detect;
 pub mod discovery;
 pub mod hop;
 pub mod http;
-pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod metrics;
@@ -21,4 +22,3 @@ pub mod policy;
 pub mod proxy;
 pub mod run;
 pub mod tcp;
-pub mod tls;

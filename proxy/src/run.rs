@@ -16,12 +16,12 @@ use crate::config::{Args, Config};
 use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::hop::{Connector, Hop};
 use crate::http::Upstream;
-use crate::identity::{self, IdentityConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{Drain, Proxy, Shutdown};
-use crate::tls::MeshTls;
 use crate::{inbound, outbound};
 use trellis_api::Identity;
+use trellis_tls::identity::{self, IdentityConfig};
+use trellis_tls::{ALPN_H2, MeshTls};
 
 pub fn main(args: Args) -> ExitCode {
     let config = match args.validate() {
@@ -75,21 +75,33 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let endpoints = Arc::new(EndpointRegistry::default());
-    let discovery = Discovery::new(
-        DiscoveryConfig::new(
-            config.args.controller_addr.clone(),
-            config.args.namespace.clone(),
-            config.args.discovery_idle,
-        ),
-        endpoints.clone(),
-        &mut registry,
+    let mut discovery_config = DiscoveryConfig::new(
+        config.args.controller_addr.clone(),
+        config.args.namespace.clone(),
+        config.args.discovery_idle,
     );
+    let tls = match &config.anchors_pem {
+        Some(anchors) => Some(
+            MeshTls::new(anchors, &config.args.trust_domain).context("cannot set up mutual TLS")?,
+        ),
+        None => {
+            tracing::warn!(
+                "no --identity-addr: the hop between sidecars and discovery are plaintext"
+            );
+            None
+        }
+    };
+    if let (Some(tls), Some(controller)) = (&tls, &config.controller_identity) {
+        discovery_config.tls = Some(
+            tls.peer_client(controller, &[ALPN_H2])
+                .context("--controller-identity")?,
+        );
+    }
+    let discovery = Discovery::new(discovery_config, endpoints.clone(), &mut registry);
     // Ready once listening, and, with identity on, once the first certificate is in.
     let ready = Arc::new(AtomicBool::new(false));
-    let (tls, identity_task) = match (&config.args.identity_addr, &config.anchors_pem) {
-        (Some(addr), Some(anchors)) => {
-            let tls = MeshTls::new(anchors, &config.args.trust_domain)
-                .context("cannot set up mutual TLS")?;
+    let identity_task = match (&tls, &config.args.identity_addr, &config.anchors_pem) {
+        (Some(tls), Some(addr), Some(anchors)) => {
             let server_name = config.args.identity_server_name.clone().unwrap_or_else(|| {
                 addr.rsplit_once(':')
                     .map_or(addr.as_str(), |(h, _)| h)
@@ -107,12 +119,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 anchors_pem: anchors.clone(),
             };
             let task = identity::start(cfg, tls.clone(), ready.clone(), &mut registry);
-            (Some(tls), Some(tokio::spawn(task)))
+            Some(tokio::spawn(task))
         }
-        _ => {
-            tracing::warn!("no --identity-addr: the hop between sidecars is plaintext");
-            (None, None)
-        }
+        _ => None,
     };
     let hop = Hop {
         peer_inbound_port: config.args.peer_inbound_port,

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use http::Request;
 use http_body_util::BodyExt;
-use trellis_integration::{Ca, Controller, Echo, Echoed, Sidecar, empty, http1_client};
+use trellis_integration::{
+    CONTROLLER_ACCOUNT, Ca, Controller, Echo, Echoed, Sidecar, empty, http1_client,
+};
 
 const NS: &str = "shop";
 /// The example pods: name, loopback address, service account.
@@ -58,11 +60,17 @@ async fn main() {
         &[(NS, "catalog"), (NS, "audit"), (NS, "web")],
     );
     println!("  identity (mesh CA)      https://{}", ca.addr);
-    let controller = Controller::start(manifests.path());
+    let controller = Controller::start_with(
+        manifests.path(),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &ca.controller_flags(CONTROLLER_ACCOUNT.1),
+    );
     println!(
-        "  controller (local mode) http://{}  manifests: {}",
+        "  controller (local mode) https://{}  manifests: {}, identity spiffe://cluster.local/ns/{}/sa/{}",
         controller.addr,
-        examples.display()
+        examples.display(),
+        CONTROLLER_ACCOUNT.0,
+        CONTROLLER_ACCOUNT.1
     );
     let mut apps = BTreeMap::new();
     let mut sidecars = Vec::new();

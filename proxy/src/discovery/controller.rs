@@ -1,5 +1,6 @@
 //! The one HTTP/2 connection to the controller that every destination's stream shares.
 
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use trellis_tls::PeerClient;
 
 use super::{DiscoveryConfig, Metrics};
 
@@ -19,6 +21,7 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 /// The one connection to the controller, opened on demand and again after it ends.
 pub(super) struct Controller {
     addr: String,
+    tls: Option<PeerClient>,
     backoff: (Duration, Duration),
     slot: tokio::sync::Mutex<Slot>,
     /// Generation of the open connection (0: none), so that the end of an old connection does
@@ -40,6 +43,7 @@ impl Controller {
     pub(super) fn new(cfg: &DiscoveryConfig, metrics: Metrics) -> Self {
         Self {
             addr: cfg.controller_addr.clone(),
+            tls: cfg.tls.clone(),
             backoff: (cfg.backoff_min, cfg.backoff_max),
             slot: tokio::sync::Mutex::new(Slot::default()),
             live: Arc::new(Mutex::new(0)),
@@ -72,8 +76,13 @@ impl Controller {
                 let cap = backoff_cap(slot.attempts, self.backoff.0, self.backoff.1);
                 tokio::time::sleep(jittered(cap)).await;
             }
+            if let Some(tls) = &self.tls {
+                // Without a certificate the controller would refuse the handshake: asking
+                // before identity answered would only fill the log with failures.
+                tls.certified().await;
+            }
             slot.attempts = slot.attempts.saturating_add(1);
-            match connect_controller(&self.addr).await {
+            match connect_controller(&self.addr, self.tls.as_ref()).await {
                 Ok((send, connection)) => {
                     if slot.generation > 0 {
                         self.metrics.reconnects.inc();
@@ -128,21 +137,22 @@ enum ConnectError {
     Connect(std::net::SocketAddr, #[source] std::io::Error),
     #[error("timed out after {CONNECT_TIMEOUT:?}")]
     Timeout,
+    #[error("mutual TLS with {0} failed: {1}")]
+    Tls(String, #[source] std::io::Error),
     #[error("HTTP/2 handshake failed: {0}")]
     Handshake(#[source] hyper::Error),
 }
 
-/// The whole hop to the controller: resolve, connect, HTTP/2 handshake. Mutual TLS wraps the
-/// `TcpStream` here, between connect and handshake.
+/// A connection to the controller, to be driven until it ends: over TLS or plaintext, so boxed
+/// (once per connection).
+type Connection = Pin<Box<dyn Future<Output = Result<(), hyper::Error>> + Send + 'static>>;
+
+/// The whole hop to the controller: resolve, connect, mutual TLS when the sidecar has an
+/// identity (the controller must be `tls.peer`), HTTP/2 handshake.
 async fn connect_controller(
     addr: &str,
-) -> Result<
-    (
-        http2::SendRequest<Empty<Bytes>>,
-        impl Future<Output = Result<(), hyper::Error>> + Send + 'static,
-    ),
-    ConnectError,
-> {
+    tls: Option<&PeerClient>,
+) -> Result<(http2::SendRequest<Empty<Bytes>>, Connection), ConnectError> {
     let hop = async {
         let addrs = tokio::net::lookup_host(addr)
             .await
@@ -161,14 +171,31 @@ async fn connect_controller(
         let tcp = tcp.ok_or(last)?;
         // Snapshots are latency-sensitive and the requests tiny.
         let _ = tcp.set_nodelay(true);
-        http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(ConnectError::Handshake)
+            .keep_alive_while_idle(true);
+        match tls {
+            Some(tls) => {
+                let stream = tls
+                    .connect(tcp)
+                    .await
+                    .map_err(|e| ConnectError::Tls(tls.peer.to_string(), e))?;
+                let (send, conn) = h2
+                    .handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(ConnectError::Handshake)?;
+                Ok((send, Box::pin(conn) as Connection))
+            }
+            None => {
+                let (send, conn) = h2
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(ConnectError::Handshake)?;
+                Ok((send, Box::pin(conn) as Connection))
+            }
+        }
     };
     tokio::time::timeout(CONNECT_TIMEOUT, hop)
         .await

@@ -1,11 +1,12 @@
-//! Mutual TLS between sidecars: TLS 1.3 only, the post-quantum hybrid key exchange first, and
-//! peers identified by the SPIFFE ID in their certificate's URI SAN.
+//! Mutual TLS between mesh workloads: TLS 1.3 only, the post-quantum hybrid key exchange first,
+//! and peers identified by the SPIFFE ID in their certificate's URI SAN.
 //!
-//! A client does not dial a DNS name but an endpoint whose identity discovery gave it, so the
-//! server name it sends (SNI) encodes that identity; the verifier turns it back into the
-//! SPIFFE ID the certificate must carry exactly, after checking the chain to the trust anchors.
+//! A client does not dial a DNS name but a peer whose identity it already knows (from discovery
+//! for an endpoint, from configuration for the controller), so the server name it sends (SNI)
+//! encodes that identity; the verifier turns it back into the SPIFFE ID the certificate must
+//! carry exactly, after checking the chain to the trust anchors.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -15,7 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use trellis_api::Identity;
+
+/// The ALPN protocol id of HTTP/2, which the controller's discovery port speaks.
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// Why TLS cannot be set up or a peer is not who it must be.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +32,11 @@ pub enum TlsError {
     Anchor(String),
     #[error("the certificate or key cannot be used: {0}")]
     Credentials(String),
+    #[error("{peer} is not in the mesh's trust domain {trust_domain}")]
+    ForeignPeer {
+        peer: Identity,
+        trust_domain: String,
+    },
     #[error(transparent)]
     Rustls(#[from] rustls::Error),
 }
@@ -81,11 +92,20 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Option<Identity> {
     uri.parse().ok()
 }
 
-/// The sidecar's current certificate: replaced on renewal without rebuilding any config, so
+/// The workload's current certificate: replaced on renewal without rebuilding any config, so
 /// new handshakes use the new one while established connections keep theirs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Credentials {
-    current: RwLock<Option<Arc<CertifiedKey>>>,
+    /// A watch rather than a lock so that a client can wait for the first certificate.
+    current: watch::Sender<Option<Arc<CertifiedKey>>>,
+}
+
+impl Default for Credentials {
+    fn default() -> Self {
+        Credentials {
+            current: watch::Sender::new(None),
+        }
+    }
 }
 
 impl Credentials {
@@ -101,19 +121,19 @@ impl Credentials {
             .load_private_key(key)
             .map_err(|e| TlsError::Credentials(e.to_string()))?;
         let certified = CertifiedKey::new(chain, signer);
-        let mut current = match self.current.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *current = Some(Arc::new(certified));
+        self.current.send_replace(Some(Arc::new(certified)));
         Ok(())
     }
 
+    /// Completes once a certificate is installed. Before that a client could only fail its
+    /// handshakes, so one that must present a certificate (to the controller) waits here.
+    pub async fn certified(&self) {
+        // Cannot fail: `self` holds the sender.
+        let _ = self.current.subscribe().wait_for(Option::is_some).await;
+    }
+
     fn get(&self) -> Option<Arc<CertifiedKey>> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.current.borrow().clone()
     }
 }
 
@@ -219,6 +239,7 @@ pub struct MeshTls {
     pub server: Arc<ServerConfig>,
     pub credentials: Arc<Credentials>,
     pub provider: Arc<CryptoProvider>,
+    trust_domain: String,
 }
 
 impl MeshTls {
@@ -268,10 +289,70 @@ impl MeshTls {
             server: Arc::new(server),
             credentials,
             provider,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    /// The configuration of a plain TLS server of the mesh, such as the controller's discovery
+    /// port: no preamble, a client certificate that chains to the trust anchors required, this
+    /// workload's certificate presented (renewals included), `alpn` offered in order.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+        let mut config = (*self.server).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A client for one mesh peer known by its identity rather than through discovery (the
+    /// controller): it presents this workload's certificate and accepts only a server whose
+    /// SPIFFE ID is exactly `peer`.
+    pub fn peer_client(&self, peer: &Identity, alpn: &[&[u8]]) -> Result<PeerClient, TlsError> {
+        // The verifier reads the expected identity back from the server name, in this
+        // workload's trust domain only.
+        if peer.trust_domain != self.trust_domain {
+            return Err(TlsError::ForeignPeer {
+                peer: peer.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let mut config = (*self.client).clone();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(PeerClient {
+            config: Arc::new(config),
+            server_name: server_name(peer)?,
+            peer: peer.clone(),
+            credentials: self.credentials.clone(),
         })
     }
 }
 
+/// Mutual TLS to one peer of a known identity, with this workload's certificate.
+#[derive(Clone, Debug)]
+pub struct PeerClient {
+    pub config: Arc<ClientConfig>,
+    /// The name sent in the handshake; it encodes [`PeerClient::peer`].
+    pub server_name: ServerName<'static>,
+    pub peer: Identity,
+    credentials: Arc<Credentials>,
+}
+
+impl PeerClient {
+    /// Completes once this workload holds a certificate to present.
+    pub async fn certified(&self) {
+        self.credentials.certified().await;
+    }
+
+    /// The handshake over `io`; fails unless the server is [`PeerClient::peer`] and accepts
+    /// this workload's certificate.
+    pub async fn connect<IO>(&self, io: IO) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(self.server_name.clone(), io)
+            .await
+    }
+}
+
 #[cfg(test)]
-#[path = "tls_tests.rs"]
+#[path = "mesh_tests.rs"]
 mod tests;

@@ -216,3 +216,83 @@ fn identities_come_only_from_a_single_uri_san() {
     assert_eq!(identity_of_cert(&chain[0]), None);
     assert!(matches!(MeshTls::new("", TD), Err(TlsError::NoAnchors)));
 }
+
+/// A peer client against a plain server config: the handshake's ALPN and the server's view of
+/// the client, or the client's error.
+async fn peer_handshake(
+    client: &PeerClient,
+    server: &MeshTls,
+) -> Result<(Option<Vec<u8>>, Option<Identity>), String> {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(&[ALPN_H2]));
+    let server_side = tokio::spawn(async move {
+        let tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(identity_of_cert),
+        )
+    });
+    let tls = client.connect(c).await.map_err(|e| e.to_string())?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let peer = server_side.await.map_err(|e| e.to_string())??;
+    Ok((alpn, peer))
+}
+
+#[tokio::test]
+async fn a_peer_client_reaches_a_plain_server_of_that_identity_over_h2() {
+    let ca = Ca::new();
+    let (proxy, controller) = (
+        id("shop", "web"),
+        id("trellis-system", "trellis-controller"),
+    );
+    let client = mesh(&ca, Some(&proxy))
+        .peer_client(&controller, &[ALPN_H2])
+        .unwrap();
+    let server = mesh(&ca, Some(&controller));
+    let (alpn, peer) = peer_handshake(&client, &server).await.unwrap();
+    assert_eq!(alpn.as_deref(), Some(ALPN_H2));
+    assert_eq!(peer, Some(proxy));
+}
+
+#[tokio::test]
+async fn a_peer_client_refuses_another_identity_and_needs_a_certificate() {
+    let ca = Ca::new();
+    let controller = id("trellis-system", "trellis-controller");
+    let client = mesh(&ca, Some(&id("shop", "web")))
+        .peer_client(&controller, &[ALPN_H2])
+        .unwrap();
+    let impostor = mesh(&ca, Some(&id("trellis-system", "impostor")));
+    let err = peer_handshake(&client, &impostor).await.unwrap_err();
+    assert!(err.contains("impostor"), "{err}");
+    // The server requires a client certificate from the mesh.
+    let anonymous = mesh(&ca, None)
+        .peer_client(&controller, &[ALPN_H2])
+        .unwrap();
+    let server = mesh(&ca, Some(&controller));
+    assert!(peer_handshake(&anonymous, &server).await.is_err());
+    // A peer outside the trust domain cannot be named.
+    let foreign = Identity::new("other.domain", "trellis-system", "trellis-controller");
+    assert!(matches!(
+        server.peer_client(&foreign, &[ALPN_H2]),
+        Err(TlsError::ForeignPeer { .. })
+    ));
+}
+
+#[tokio::test]
+async fn certified_waits_for_the_first_certificate() {
+    let ca = Ca::new();
+    let tls = mesh(&ca, None);
+    let client = tls.peer_client(&id("shop", "api"), &[ALPN_H2]).unwrap();
+    let wait = std::time::Duration::from_millis(50);
+    assert!(
+        tokio::time::timeout(wait, client.certified())
+            .await
+            .is_err()
+    );
+    let (chain, key) = ca.leaf(Some(&id("shop", "web")));
+    tls.credentials.set(&tls.provider, chain, key).unwrap();
+    assert!(tokio::time::timeout(wait, client.certified()).await.is_ok());
+}

@@ -1,5 +1,6 @@
-//! The sidecar's identity: a key pair made in memory, certified by the mesh CA with the pod's
-//! service-account token, renewed at about 70 % of the certificate's lifetime.
+//! A workload's identity (a sidecar's, or the controller's): a key pair made in memory,
+//! certified by the mesh CA with the pod's service-account token, renewed at about 70 % of the
+//! certificate's lifetime.
 //!
 //! The key never leaves the process. While identity is unreachable the current certificate
 //! keeps serving; renewal retries with backoff until it succeeds or the certificate expires.
@@ -21,7 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use trellis_api::Identity;
 use trellis_api::certify::{CERTIFY_PATH, CertifyError, CertifyRequest, CertifyResponse};
 
-use crate::tls::MeshTls;
+use crate::mesh::MeshTls;
 
 /// Where identity is and how to prove who this pod is.
 #[derive(Clone, Debug)]
@@ -163,7 +164,7 @@ pub async fn certify(cfg: &IdentityConfig, tls: &MeshTls) -> Result<u64, Certify
                 .map_err(|e| CertifyFailure::BadAnswer(e.to_string()))?,
         );
     }
-    if crate::tls::identity_of_cert(&chain[0]).as_ref() != Some(&cfg.identity) {
+    if crate::mesh::identity_of_cert(&chain[0]).as_ref() != Some(&cfg.identity) {
         return Err(CertifyFailure::BadAnswer(
             "the certificate is not for this pod's identity".to_string(),
         ));
@@ -188,7 +189,7 @@ async fn post(cfg: &IdentityConfig, body: Bytes) -> Result<CertifyResponse, Cert
             .add(cert)
             .map_err(|e| unreachable(format!("bad trust anchor: {e}")))?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(crate::mesh::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| unreachable(e.to_string()))?
         .with_root_certificates(roots)

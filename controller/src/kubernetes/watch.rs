@@ -1,0 +1,441 @@
+//! The cluster watches: one kube watcher per kind, each object stripped ([`super::strip`])
+//! into a reflector store, and the loop that rebuilds the [`Index`] from the stores after each
+//! burst of changes.
+//!
+//! A watcher lists, then watches from the list's resourceVersion; when the API server answers
+//! 410 Gone (the version left its watch window) the watcher lists again, and the store swaps in
+//! the new list whole at its end, so objects deleted during the gap disappear and nothing is
+//! half-updated in between. Other errors back off (kube's default: 0.8 s doubling to 30 s) and
+//! resume.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use gateway_api::experimental::grpcroutes::GrpcRoute;
+use gateway_api::experimental::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, DefaultBackoff};
+use kube::runtime::{WatchStreamExt, watcher as watch_kind};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::strip;
+use crate::index::{Config, Index};
+use crate::objects::Objects;
+
+/// The kinds the model is computed from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    HttpRoute,
+    GrpcRoute,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+    ];
+
+    fn is_route(self) -> bool {
+        matches!(self, Kind::HttpRoute | Kind::GrpcRoute)
+    }
+
+    /// The resource, as RBAC rules name it.
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Service => "services",
+            Kind::EndpointSlice => "endpointslices.discovery.k8s.io",
+            Kind::Pod => "pods",
+            Kind::HttpRoute => "httproutes.gateway.networking.k8s.io",
+            Kind::GrpcRoute => "grpcroutes.gateway.networking.k8s.io",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Services",
+            Kind::EndpointSlice => "EndpointSlices",
+            Kind::Pod => "Pods",
+            Kind::HttpRoute => "HTTPRoutes",
+            Kind::GrpcRoute => "GRPCRoutes",
+        })
+    }
+}
+
+/// Where a kind's store stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreState {
+    /// Not listed yet.
+    #[default]
+    Pending,
+    /// Listed; kept current by the watch.
+    Synced,
+    /// The API server does not serve the kind (its CRD is not installed): read as empty.
+    Missing,
+}
+
+/// The state of every store; each change of a store also bumps this channel, which is what
+/// wakes the rebuild loop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    states: [StoreState; 5],
+}
+
+impl Progress {
+    pub fn get(&self, kind: Kind) -> StoreState {
+        self.states[kind as usize]
+    }
+
+    fn set(&mut self, kind: Kind, state: StoreState) -> bool {
+        std::mem::replace(&mut self.states[kind as usize], state) != state
+    }
+
+    /// Whether the stores describe the cluster: Services, EndpointSlices and Pods listed, and
+    /// each route kind listed or known to be missing. Before that, an index would tell proxies
+    /// that Services do not exist.
+    pub fn ready(&self) -> bool {
+        Kind::ALL.iter().all(|&k| match self.get(k) {
+            StoreState::Synced => true,
+            StoreState::Missing => k.is_route(),
+            StoreState::Pending => false,
+        })
+    }
+}
+
+/// How watchers wait after an error.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum BackoffPolicy {
+    /// kube's default: 0.8 s doubling to 30 s, with jitter.
+    #[default]
+    Default,
+    /// A fixed pause (tests).
+    Fixed(Duration),
+}
+
+/// A [`BackoffPolicy`] in use by one watcher.
+enum WatchBackoff {
+    Default(Box<DefaultBackoff>),
+    Fixed(Duration),
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        match self {
+            WatchBackoff::Default(b) => b.next(),
+            WatchBackoff::Fixed(d) => Some(*d),
+        }
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        if let WatchBackoff::Default(b) = self {
+            b.reset();
+        }
+    }
+}
+
+impl BackoffPolicy {
+    fn start(self) -> WatchBackoff {
+        match self {
+            BackoffPolicy::Default => WatchBackoff::Default(Box::default()),
+            BackoffPolicy::Fixed(d) => WatchBackoff::Fixed(d),
+        }
+    }
+}
+
+/// Read access to the watched objects.
+#[derive(Clone, Debug)]
+pub struct Stores {
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    http_routes: Store<HttpRoute>,
+    grpc_routes: Store<GrpcRoute>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Stores {
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// Every object, sorted by namespace and name, once the stores are [ready](Progress::ready).
+    /// Routes of a missing kind are left out even if a store still holds some from before
+    /// their CRD was removed.
+    pub fn snapshot(&self) -> Option<Objects> {
+        let progress = self.progress();
+        if !progress.ready() {
+            return None;
+        }
+        let synced = |k| progress.get(k) == StoreState::Synced;
+        Some(Objects {
+            services: sorted(&self.services),
+            endpoint_slices: sorted(&self.endpoint_slices),
+            pods: sorted(&self.pods),
+            http_routes: if synced(Kind::HttpRoute) {
+                sorted(&self.http_routes)
+            } else {
+                Vec::new()
+            },
+            grpc_routes: if synced(Kind::GrpcRoute) {
+                sorted(&self.grpc_routes)
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// The HTTPRoutes, or `None` while their kind is not synced.
+    pub fn http_routes(&self) -> Option<Vec<Arc<HttpRoute>>> {
+        (self.progress().get(Kind::HttpRoute) == StoreState::Synced)
+            .then(|| self.http_routes.state())
+    }
+
+    /// The GRPCRoutes, or `None` while their kind is not synced.
+    pub fn grpc_routes(&self) -> Option<Vec<Arc<GrpcRoute>>> {
+        (self.progress().get(Kind::GrpcRoute) == StoreState::Synced)
+            .then(|| self.grpc_routes.state())
+    }
+
+    pub fn http_route(&self, namespace: &str, name: &str) -> Option<Arc<HttpRoute>> {
+        self.http_routes
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+
+    pub fn grpc_route(&self, namespace: &str, name: &str) -> Option<Arc<GrpcRoute>> {
+        self.grpc_routes
+            .get(&ObjectRef::new(name).within(namespace))
+    }
+}
+
+fn sorted<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>) -> Vec<K> {
+    let mut objects: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    objects.sort_by(|a, b| {
+        let key = |o: &K| (o.meta().namespace.clone(), o.meta().name.clone());
+        key(a).cmp(&key(b))
+    });
+    objects
+}
+
+/// Starts one watcher per kind, cluster-wide, on `tasks`; they run until `stop` is set.
+pub fn start(
+    client: &Client,
+    backoff: BackoffPolicy,
+    tasks: &mut JoinSet<()>,
+    stop: &watch::Receiver<bool>,
+) -> Stores {
+    let progress = Arc::new(watch::Sender::new(Progress::default()));
+    let (services, w_services) = reflector::store();
+    let (endpoint_slices, w_slices) = reflector::store();
+    let (pods, w_pods) = reflector::store();
+    let (http_routes, w_http) = reflector::store();
+    let (grpc_routes, w_grpc) = reflector::store();
+    let stores = Stores {
+        services,
+        endpoint_slices,
+        pods,
+        http_routes,
+        grpc_routes,
+        progress: progress.subscribe(),
+    };
+    let c = || client.clone();
+    let s = || stop.clone();
+    let p = || progress.clone();
+    let b = || backoff.start();
+    let api = Api::<Service>::all(c());
+    tasks.spawn(run(
+        api,
+        Kind::Service,
+        w_services,
+        strip::service,
+        p(),
+        b(),
+        s(),
+    ));
+    let api = Api::<EndpointSlice>::all(c());
+    tasks.spawn(run(
+        api,
+        Kind::EndpointSlice,
+        w_slices,
+        strip::endpoint_slice,
+        p(),
+        b(),
+        s(),
+    ));
+    let api = Api::<Pod>::all(c());
+    tasks.spawn(run(api, Kind::Pod, w_pods, strip::pod, p(), b(), s()));
+    let api = Api::<HttpRoute>::all(c());
+    tasks.spawn(run(
+        api,
+        Kind::HttpRoute,
+        w_http,
+        strip::http_route,
+        p(),
+        b(),
+        s(),
+    ));
+    let api = Api::<GrpcRoute>::all(c());
+    tasks.spawn(run(
+        api,
+        Kind::GrpcRoute,
+        w_grpc,
+        strip::grpc_route,
+        p(),
+        b(),
+        s(),
+    ));
+    stores
+}
+
+/// One kind's watch, until `stop` is set.
+async fn run<K>(
+    api: Api<K>,
+    kind: Kind,
+    writer: reflector::store::Writer<K>,
+    strip: fn(&mut K),
+    progress: Arc<watch::Sender<Progress>>,
+    backoff: WatchBackoff,
+    mut stop: watch::Receiver<bool>,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+{
+    let events = watch_kind(api, watcher::Config::default())
+        .modify(strip)
+        .backoff(backoff)
+        .reflect(writer);
+    let mut events = std::pin::pin!(events);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => event,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match event {
+            // A watcher's stream never ends.
+            None => return,
+            Some(Ok(watcher::Event::InitDone)) => {
+                progress.send_modify(|p| {
+                    if p.get(kind) == StoreState::Missing {
+                        tracing::info!("{kind} are served by the API now; routes are read again");
+                    }
+                    p.set(kind, StoreState::Synced);
+                });
+                tracing::debug!("{kind} listed");
+            }
+            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                progress.send_modify(|_| {});
+            }
+            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+            Some(Err(e)) => report(kind, &e, &progress),
+        }
+    }
+}
+
+/// Logs a watch error (the watcher retries by itself) and notes a missing route CRD.
+fn report(kind: Kind, e: &watcher::Error, progress: &watch::Sender<Progress>) {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.as_ref()),
+        _ => None,
+    };
+    let listing = matches!(
+        e,
+        watcher::Error::InitialListFailed(_) | watcher::Error::WatchStartFailed(_)
+    );
+    match status {
+        Some(s) if kind.is_route() && listing && s.is_not_found() => {
+            if progress.send_if_modified(|p| p.set(kind, StoreState::Missing)) {
+                tracing::warn!(
+                    "Gateway API CRDs not installed; routes ignored until they are (the API \
+                     server has no {kind}; Services and endpoints are still served, and the \
+                     controller checks again at most every 30 s)"
+                );
+            } else {
+                tracing::debug!("{kind} still not served by the API: {e}");
+            }
+        }
+        Some(s) if s.is_forbidden() => tracing::error!(
+            "cannot list or watch {kind}: forbidden; the controller's ServiceAccount needs list \
+             and watch on {} (retrying): {e}",
+            kind.resource()
+        ),
+        Some(s) if s.code == 410 => {
+            tracing::info!("{kind} watch expired (410 Gone); listing them again");
+        }
+        _ => tracing::warn!("watching {kind} failed, retrying with backoff: {e}"),
+    }
+}
+
+/// Rebuilds and publishes the index after each burst of changes, once the stores are ready,
+/// until `stop` is set. The first change of a burst starts a `debounce` window; what arrives
+/// within it goes into the same build, so a rollout touching many objects costs one build
+/// and an edit reaches proxies within `debounce` plus the build time.
+pub async fn publish(
+    stores: Stores,
+    config: Config,
+    debounce: Duration,
+    index: watch::Sender<Arc<Index>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut progress = stores.progress.clone();
+    let mut published = false;
+    loop {
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(debounce) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        progress.borrow_and_update();
+        let Some(objects) = stores.snapshot() else {
+            continue;
+        };
+        let summary = summary(&objects);
+        let config = config.clone();
+        // Compiling the index takes CPU time: keep it off the server's threads.
+        match tokio::task::spawn_blocking(move || Index::build(&objects, &config)).await {
+            Ok(built) => {
+                index.send_replace(Arc::new(built));
+                if published {
+                    tracing::debug!("index rebuilt: {summary}");
+                } else {
+                    tracing::info!("cluster state loaded: {summary}");
+                    published = true;
+                }
+            }
+            Err(e) => tracing::error!("building the index failed, still serving the last one: {e}"),
+        }
+    }
+}
+
+fn summary(objects: &Objects) -> String {
+    format!(
+        "{} Services, {} EndpointSlices, {} Pods, {} HTTPRoutes, {} GRPCRoutes",
+        objects.services.len(),
+        objects.endpoint_slices.len(),
+        objects.pods.len(),
+        objects.http_routes.len(),
+        objects.grpc_routes.len(),
+    )
+}
