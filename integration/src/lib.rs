@@ -23,7 +23,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-
 /// Manifests several tests share.
 pub mod manifests {
     /// Service `shop/web` (cluster IP 10.96.0.10, port 80) with one meshed endpoint, pod `web-1`
