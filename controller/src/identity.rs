@@ -144,6 +144,11 @@ impl DiscoveryTls {
     pub async fn certified(&self) {
         self.tls.credentials.certified().await;
     }
+
+    /// The credentials, to wait for the first certificate from another task.
+    pub fn credentials(&self) -> Arc<trellis_tls::mesh::Credentials> {
+        self.tls.credentials.clone()
+    }
 }
 
 /// Serves discovery on `listener` until `shutdown`: with `tls`, mutual TLS only and from the

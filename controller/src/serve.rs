@@ -45,6 +45,11 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_DISCOVERY_ADDR", default_value = "0.0.0.0:8090")]
     pub discovery_addr: SocketAddr,
 
+    /// Address of the admin server: `/live`, `/ready` (ready once discovery serves) and
+    /// `/metrics`.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
+    pub admin_addr: SocketAddr,
+
     /// Trust domain of the SPIFFE identities expected from endpoints.
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_api::identity::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -118,7 +123,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     log_route_problems(&index);
     let (index_tx, index_rx) = watch::channel(Arc::new(index));
 
-    // Holds the certificate metrics; the admin port that would show them is not served yet.
     let mut registry = prometheus_client::registry::Registry::default();
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
     let shutdown = shutdown_signal()?;
@@ -127,10 +131,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.discovery_addr))?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
+    mark_ready_when_serving(&admin, tls.as_ref());
     let reload = tokio::spawn(reload(dir, config, fingerprint, index_tx, stop_rx));
     crate::identity::serve_discovery(listener, index_rx, tls.as_ref(), shutdown).await?;
+    admin.admin.set_ready(false);
     stop_tx.send_replace(true);
     let _ = reload.await;
+    let _ = admin.task.await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -142,6 +150,7 @@ async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
     let mut shutdown = std::pin::pin!(shutdown_signal()?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
     let namespace = &args.identity.namespace;
     let mut cluster = crate::kubernetes::start(&args.cluster, namespace, config, stop_rx).await?;
     if cluster.synced(&mut shutdown).await {
@@ -149,12 +158,63 @@ async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.discovery_addr))?;
         let index = cluster.index.clone();
+        mark_ready_when_serving(&admin, tls.as_ref());
         crate::identity::serve_discovery(listener, index, tls.as_ref(), shutdown).await?;
     }
+    admin.admin.set_ready(false);
     stop_tx.send_replace(true);
     let _ = cluster.task.await;
+    let _ = admin.task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The controller's metrics for the admin server.
+#[derive(Debug)]
+struct Exposition(prometheus_client::registry::Registry);
+
+impl trellis_admin::Exposition for Exposition {
+    fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0);
+        text
+    }
+}
+
+struct AdminServer {
+    admin: Arc<trellis_admin::Admin<Exposition>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_admin(
+    addr: SocketAddr,
+    registry: prometheus_client::registry::Registry,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<AdminServer> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the admin server"))?;
+    let admin = trellis_admin::Admin::new(Exposition(registry));
+    let task = tokio::spawn(trellis_admin::serve(listener, admin.clone(), async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    }));
+    Ok(AdminServer { admin, task })
+}
+
+/// Ready once discovery can answer: at once in plaintext, after the first certificate with
+/// mutual TLS.
+fn mark_ready_when_serving(admin: &AdminServer, tls: Option<&DiscoveryTls>) {
+    let admin = admin.admin.clone();
+    match tls.map(DiscoveryTls::credentials) {
+        None => admin.set_ready(true),
+        Some(credentials) => {
+            tokio::spawn(async move {
+                credentials.certified().await;
+                admin.set_ready(true);
+            });
+        }
+    }
 }
 
 fn validate(args: &Args) -> anyhow::Result<Config> {

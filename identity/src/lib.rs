@@ -6,7 +6,7 @@
 //! and writes the issuer Secret; [`reload`] keeps the authority current; [`server`] serves
 //! certify and [`admin`] health and metrics; [`bootstrap`] and [`run`] are the subcommands.
 
-pub mod admin;
+pub use trellis_admin as admin;
 pub mod bootstrap;
 pub mod ca;
 pub mod config;

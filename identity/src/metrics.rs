@@ -129,6 +129,12 @@ impl Metrics {
     }
 }
 
+impl trellis_admin::Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

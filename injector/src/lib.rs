@@ -7,7 +7,7 @@
 //! serve it, [`cert`] and [`cluster`] manage the serving certificate, [`inject_cmd`] and
 //! [`serve`] are the subcommands.
 
-pub mod admin;
+pub use trellis_admin as admin;
 pub mod admission;
 pub mod annotations;
 pub mod cert;

@@ -114,6 +114,12 @@ impl Metrics {
     }
 }
 
+impl trellis_admin::Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

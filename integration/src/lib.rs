@@ -23,6 +23,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+pub mod netns;
+
 /// Manifests several tests share.
 pub mod manifests {
     /// Service `shop/web` (cluster IP 10.96.0.10, port 80) with one meshed endpoint, pod `web-1`
@@ -210,6 +212,8 @@ impl Controller {
             .arg(manifests)
             .arg("--discovery-addr")
             .arg(addr.to_string())
+            // Several controllers run side by side: an ephemeral admin port each.
+            .args(["--admin-addr", &SocketAddr::new(addr.ip(), 0).to_string()])
             .args(extra)
             .env_remove("TRELLIS_TRUST_DOMAIN")
             .env_remove("TRELLIS_CLUSTER_DOMAIN")

@@ -36,6 +36,9 @@ pub fn main(args: Args) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // Logs go to stderr, coloured only for a terminal: `kubectl logs` shows plain text.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::debug!(?config, "settings");
 

@@ -1,8 +1,8 @@
-//! The admin server on :9990 (plain HTTP, inside the cluster only): `/live`, `/ready` and
-//! `/metrics`.
+//! The admin server every control-plane binary runs on :9990 (plain HTTP, inside the cluster
+//! only): `/live`, `/ready` and `/metrics`.
 //!
-//! `/ready` turns true once the webhook listens with a certificate and false again when
-//! shutdown starts, so the Service stops routing reviews to a replica that is going away.
+//! `/ready` turns true when the binary says it can serve and false again when shutdown starts,
+//! so its Service stops sending work to a replica that is going away.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,19 +19,22 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
-
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Shared with the webhook side, which flips `ready`.
-#[derive(Debug, Default)]
-pub struct Admin {
-    pub ready: AtomicBool,
-    pub metrics: Metrics,
+/// What `/metrics` serves: an OpenMetrics text exposition.
+pub trait Exposition: Send + Sync + 'static {
+    fn encode(&self) -> String;
 }
 
-impl Admin {
-    pub fn new(metrics: Metrics) -> Arc<Self> {
+/// Shared with the serving side, which flips `ready`.
+#[derive(Debug, Default)]
+pub struct Admin<M> {
+    pub ready: AtomicBool,
+    pub metrics: M,
+}
+
+impl<M: Exposition> Admin<M> {
+    pub fn new(metrics: M) -> Arc<Self> {
         Arc::new(Admin {
             ready: AtomicBool::new(false),
             metrics,
@@ -44,7 +47,11 @@ impl Admin {
 }
 
 /// Serves until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Future<Output = ()>) {
+pub async fn serve<M: Exposition>(
+    listener: TcpListener,
+    admin: Arc<Admin<M>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -86,7 +93,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: impl Futu
     let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
 }
 
-fn handle<B>(admin: &Admin, request: &Request<B>) -> Response<Full<Bytes>> {
+fn handle<M: Exposition, B>(admin: &Admin<M>, request: &Request<B>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match request.uri().path() {
         "/live" => (StatusCode::OK, "text/plain", "live\n".to_string()),
         "/ready" if admin.ready.load(Ordering::Acquire) => {
@@ -111,4 +118,49 @@ fn handle<B>(admin: &Admin, request: &Request<B>) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static(content_type),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Fixed;
+    impl Exposition for Fixed {
+        fn encode(&self) -> String {
+            "# TYPE up gauge\nup 1\n# EOF\n".to_string()
+        }
+    }
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = Admin::new(Fixed);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, admin.clone(), async {
+            let _ = stopped.await;
+        }));
+        assert!(get(addr, "/live").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 503"));
+        admin.set_ready(true);
+        assert!(get(addr, "/ready").await.starts_with("HTTP/1.1 200"));
+        let metrics = get(addr, "/metrics").await;
+        assert!(metrics.contains("up 1"), "{metrics}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 }
