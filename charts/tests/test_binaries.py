@@ -19,7 +19,10 @@ import pytest
 
 from conftest import ADMIN_PORT, DISCOVERY_PORT, IDENTITY_PORT, REPO, VALUE_SETS, WEBHOOK_PORT, args_map
 
-BIN_DIR = Path(os.environ.get("TRELLIS_BIN_DIR") or REPO / "target" / "debug")
+BIN_DIR = Path(
+    os.environ.get("TRELLIS_BIN_DIR")
+    or Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target") / "debug"
+)
 BINARIES = ("trellis-controller", "trellis-identity", "trellis-injector")
 REQUIRED = os.environ.get("TRELLIS_CHART_TESTS_REQUIRE_BINARIES") == "1"
 
