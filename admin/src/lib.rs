@@ -21,6 +21,14 @@ use tokio::net::TcpListener;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The OpenMetrics text of a registry.
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, registry);
+    text
+}
+
 /// What `/metrics` serves: an OpenMetrics text exposition.
 pub trait Exposition: Send + Sync + 'static {
     fn encode(&self) -> String;

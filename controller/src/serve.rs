@@ -175,10 +175,7 @@ struct Exposition(prometheus_client::registry::Registry);
 
 impl trellis_admin::Exposition for Exposition {
     fn encode(&self) -> String {
-        let mut text = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.0);
-        text
+        trellis_admin::encode(&self.0)
     }
 }
 
