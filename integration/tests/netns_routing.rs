@@ -2,7 +2,10 @@
 //! in meshed pods call Services by name; their iptables hand the connections to their
 //! sidecars, which apply the routes and reach the backend pods' sidecars over mutual TLS.
 //!
-//! One mesh serves every scenario of this file, in one test, to start it once.
+//! One mesh serves every scenario of this file, in one test, to start it once: weighted
+//! splits, header filters, redirects, rewrites, mirrors, producer and consumer routes, port
+//! and port-less parentRefs, pod-IP traffic, per-route metrics, timeouts, retries and
+//! GRPCRoute weights over one HTTP/2 connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -53,6 +56,22 @@ spec:
     - type: RequestMirror
       requestMirror: {backendRef: {name: empty, port: 80}}
     backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /slow}}]
+    timeouts: {request: 300ms}
+    backendRefs: [{name: echo-v1, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /retry}}]
+    retry: {codes: [503], attempts: 2}
+    backendRefs: [{name: echo-v2, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo-grpc, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 7070}]
+  rules:
+  - backendRefs:
+    - {name: echo-v1, port: 7070, weight: 70}
+    - {name: echo-v2, port: 7070, weight: 30}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -94,16 +113,19 @@ fn mesh() -> Mesh {
             ServiceSpec::new("echo", "mesh")
                 .port("http", 80, 8080)
                 .port("alt", 9000, 8080)
+                .port("grpc", 7070, 8080)
                 .endpoints(&[V1, V2]),
         )
         .service(
             ServiceSpec::new("echo-v1", "mesh")
                 .port("http", 80, 8080)
+                .port("grpc", 7070, 8080)
                 .endpoints(&[V1]),
         )
         .service(
             ServiceSpec::new("echo-v2", "mesh")
                 .port("http", 80, 8080)
+                .port("grpc", 7070, 8080)
                 .endpoints(&[V2]),
         )
         .service(
@@ -374,5 +396,89 @@ fn routes_apply_between_pods_in_network_namespaces() {
         let inbound = metric(&m, "trellis_requests_total", &[("direction", "inbound")]);
         assert_eq!(inbound, *answered as f64, "inbound requests at {pod}:\n{m}");
     }
+
+    // Timeouts: a backend slower than the rule's 300 ms gets the client a 504 from its own
+    // sidecar, in about that time.
+    let asked = Instant::now();
+    let slow = client.get(&format!("{echo}/slow?delay_ms=3000"), &[]);
+    assert_eq!(slow.status, Some(504), "{slow:?}");
+    assert!(slow.headers.contains_key("trellis-proxy-error"), "{slow:?}");
+    assert!(asked.elapsed() < Duration::from_millis(2500), "{slow:?}");
+    assert_eq!(
+        metric(
+            &client.metrics(),
+            "trellis_timeouts_total",
+            &[("direction", "outbound")]
+        ),
+        1.0
+    );
+
+    // Retries: a 503 is sent again twice, so the backend pod sees three attempts.
+    let v2_inbound = || {
+        metric(
+            &mesh.pod(V2).metrics(),
+            "trellis_requests_total",
+            &[("direction", "inbound")],
+        )
+    };
+    let before = v2_inbound();
+    let retried = client.get(&format!("{echo}/retry?status=503"), &[]);
+    assert_eq!(retried.status, Some(503), "{retried:?}");
+    assert_eq!(v2_inbound() - before, 3.0);
+    assert_eq!(
+        metric(
+            &client.metrics(),
+            "trellis_retries_total",
+            &[("direction", "outbound")]
+        ),
+        2.0
+    );
+
+    // GRPCRoute weights per call, 500 calls as streams of one HTTP/2 connection from the app.
+    let h2_connections = || {
+        metric(
+            &client.metrics(),
+            "trellis_protocol_detections_total",
+            &[("direction", "outbound"), ("protocol", "h2")],
+        )
+    };
+    let connections_before = h2_connections();
+    let calls = client.curl(&[
+        "--h2",
+        "-n",
+        "500",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "-d",
+        "call",
+        "http://echo.mesh:7070/proto.EchoTestService/Echo",
+    ]);
+    all_ok(&calls);
+    assert_eq!(h2_connections() - connections_before, 1.0);
+    let mut grpc_v1 = 0;
+    for c in &calls {
+        assert_eq!(c.headers.get("grpc-status").map(String::as_str), Some("0"));
+        let seen = c.echoed().unwrap();
+        assert_eq!(seen.version, "HTTP/2.0");
+        if seen.pod == V1 {
+            grpc_v1 += 1;
+        }
+    }
+    assert!(
+        (325..=375).contains(&grpc_v1),
+        "echo-v1 answered {grpc_v1} of 500"
+    );
+    assert_eq!(
+        metric(
+            &client.metrics(),
+            "trellis_requests_total",
+            &[("direction", "outbound"), ("route", "mesh/echo-grpc")]
+        ),
+        500.0
+    );
     eprintln!("routing scenarios done in {:?}", started.elapsed());
 }
