@@ -117,8 +117,60 @@ pub struct Process {
     lines: Mutex<mpsc::Receiver<String>>,
 }
 
+/// Set by [`processes_die_with_their_thread`].
+static DIE_WITH_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on every [`Process`] is started under `setpriv --pdeathsig KILL`, so it is killed
+/// when the thread that started it ends, even if this process is killed outright (a demo
+/// stopped by a signal leaves nothing running). Only for programs that start processes from a
+/// thread that lives as long as they should.
+pub fn processes_die_with_their_thread() {
+    DIE_WITH_THREAD.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Every directory made by [`scratch_dir`] in this process.
+static SCRATCH: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A temporary directory, removed when dropped or by [`remove_scratch_dirs`].
+pub fn scratch_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    SCRATCH.lock().unwrap().push(dir.path().to_path_buf());
+    dir
+}
+
+/// Removes every [`scratch_dir`] left, for a signal handler that ends the process without
+/// running destructors.
+pub fn remove_scratch_dirs() {
+    let dirs = std::mem::take(&mut *SCRATCH.lock().unwrap_or_else(|e| e.into_inner()));
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// `cmd` run through `setpriv --pdeathsig KILL`, with the same arguments, environment and
+/// directory.
+fn with_pdeathsig(cmd: &Command) -> Command {
+    let mut out = Command::new("setpriv");
+    out.args(["--pdeathsig", "KILL", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => out.env(key, value),
+            None => out.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        out.current_dir(dir);
+    }
+    out
+}
+
 impl Process {
     pub fn spawn(mut cmd: Command) -> Process {
+        if DIE_WITH_THREAD.load(std::sync::atomic::Ordering::SeqCst) && cmd.get_program() != "ip" {
+            cmd = with_pdeathsig(&cmd);
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -337,7 +389,7 @@ pub struct Ca {
 
 impl Ca {
     pub fn new(ip: IpAddr, lifetime: &str, accounts: &[(&str, &str)]) -> Ca {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = scratch_dir();
         let status = Command::new(binary("trellis-identity"))
             .arg("bootstrap")
             .args(Self::files(dir.path()))
@@ -670,7 +722,7 @@ pub mod mesh {
             controller: &[String],
             extra: impl Fn(&str, &str) -> Vec<String>,
         ) -> Mesh {
-            let dir = tempfile::tempdir().unwrap();
+            let dir = super::scratch_dir();
             std::fs::write(dir.path().join("cluster.yaml"), cluster(block)).unwrap();
             std::fs::write(dir.path().join("routes.yaml"), routes).unwrap();
             let any_port = "127.0.0.1:0".parse().unwrap();

@@ -50,8 +50,8 @@ use crate::{Echoed, Process, binary};
 
 /// The proxy's user id: `trellis-proxy init` never redirects its connections.
 pub const PROXY_UID: u32 = 2102;
-/// Prefix of every namespace the harness creates: `trellis-e2e-<pid>-<n>-<role>`.
-const PREFIX: &str = "trellis-e2e-";
+/// Prefix of every namespace the harness creates: `trellis-pod-<pid>-<n>-<role>`.
+const PREFIX: &str = "trellis-pod-";
 /// How long any single start-up step may take before the harness gives up.
 const STEP: Duration = Duration::from_secs(15);
 /// The controller's namespace and service account, the identity sidecars expect by default.
@@ -66,20 +66,20 @@ fn controller_takes_identity() -> bool {
     out.contains("--identity-addr") || err.contains("--identity-addr")
 }
 
-/// Whether the namespace tests can run here; panics naming the missing piece, unless
-/// `TRELLIS_SKIP_NETNS_TESTS=1` asks to skip (then false).
-pub fn available() -> bool {
-    if std::env::var("TRELLIS_SKIP_NETNS_TESTS").as_deref() == Ok("1") {
-        eprintln!("skipped: TRELLIS_SKIP_NETNS_TESTS=1");
-        return false;
-    }
+/// Deletes every namespace (and hosts file) this process created, for a signal handler that
+/// ends the process without unwinding; the processes in them die with it (`--pdeathsig`).
+pub fn remove_all_of_this_process() {
+    let me = std::process::id();
+    Netns::sweep(|pid| pid == me);
+}
+
+/// Whether pods can be made here: root, with `ip`, iptables and `setpriv`; otherwise the first
+/// missing piece and how to get it.
+pub fn missing() -> Option<String> {
     let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    assert_eq!(
-        uid,
-        Some(0),
-        "the network-namespace tests create namespaces, veths and iptables rules, so they \
-         need root; run them as root or set TRELLIS_SKIP_NETNS_TESTS=1 to skip them knowingly"
-    );
+    if uid != Some(0) {
+        return Some("pods are network namespaces with iptables rules: that needs root".into());
+    }
     for (tool, package) in [
         ("ip", "iproute2"),
         ("iptables", "iptables"),
@@ -87,10 +87,26 @@ pub fn available() -> bool {
     ] {
         let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .any(|dir| dir.join(tool).is_file());
-        assert!(
-            found,
-            "`{tool}` is not on PATH: apt-get install -y {package} \
-             (or set TRELLIS_SKIP_NETNS_TESTS=1 to skip these tests knowingly)"
+        if !found {
+            return Some(format!(
+                "`{tool}` is not on PATH: apt-get install -y {package}"
+            ));
+        }
+    }
+    None
+}
+
+/// Whether the namespace tests can run here; panics naming the missing piece, unless
+/// `TRELLIS_SKIP_NETNS_TESTS=1` asks to skip (then false).
+pub fn available() -> bool {
+    if std::env::var("TRELLIS_SKIP_NETNS_TESTS").as_deref() == Ok("1") {
+        eprintln!("skipped: TRELLIS_SKIP_NETNS_TESTS=1");
+        return false;
+    }
+    if let Some(missing) = missing() {
+        panic!(
+            "the network-namespace tests cannot run: {missing} \
+             (or set TRELLIS_SKIP_NETNS_TESTS=1 to skip them knowingly)"
         );
     }
     true
@@ -229,8 +245,13 @@ impl Netns {
         let _ = std::fs::remove_dir_all(Self::etc_dir(name));
     }
 
-    /// Deletes the namespaces of earlier test processes that no longer exist.
+    /// Deletes the namespaces of earlier processes that no longer exist.
     fn sweep_stale() {
+        Self::sweep(|pid| !Path::new("/proc").join(pid.to_string()).exists());
+    }
+
+    /// Deletes the namespaces whose creator's pid passes `select`.
+    fn sweep(select: impl Fn(u32) -> bool) {
         let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
             return;
         };
@@ -240,7 +261,7 @@ impl Netns {
                 continue;
             };
             let pid = rest.split('-').next().unwrap_or_default();
-            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            if pid.parse::<u32>().is_ok_and(&select) {
                 Self::delete(name);
             }
         }
@@ -646,7 +667,7 @@ impl Mesh {
         attach(&node, &control, 0, Ipv4Addr::new(10, 213, block, 2), block);
 
         // Trust material and tokens, readable by the proxies' uid.
-        let trust = tempfile::tempdir().unwrap();
+        let trust = crate::scratch_dir();
         let t = trust.path();
         let mut cmd = Command::new(binary("trellis-identity"));
         cmd.arg("bootstrap")
@@ -677,7 +698,7 @@ impl Mesh {
         set_mode(t, 0o755);
         set_mode(&t.join("ca.crt"), 0o644);
 
-        let manifests = tempfile::tempdir().unwrap();
+        let manifests = crate::scratch_dir();
         let mut mesh = Mesh {
             block,
             pods: Vec::new(),

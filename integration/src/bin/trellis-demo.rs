@@ -1,20 +1,28 @@
 //! A local mesh from `examples/mesh`, no cluster needed: identity, the controller in local
-//! mode, an echo app and a sidecar per example pod on their loopback addresses, and a client
-//! pod's sidecar. Sends traffic through the mesh and prints what happened.
+//! mode, an echo app and a sidecar per example pod, and a client pod `web-0`. Sends traffic
+//! through the mesh and prints what happened.
 //!
-//! `trellis-demo [--keep] [EXAMPLES_DIR]`: with `--keep` it stays up until Ctrl-C.
+//! As root (with `ip`, iptables and `setpriv`), every pod is a network namespace on a bridge
+//! with its iptables programmed by `trellis-proxy init`, and the client calls
+//! `http://catalog/items` as any app would. Otherwise, or with `--loopback`, the pods are
+//! loopback addresses and the client talks to its sidecar's outbound port.
+//!
+//! `trellis-demo [--keep] [--loopback] [EXAMPLES_DIR]`: with `--keep` it stays up until
+//! Ctrl-C. Ctrl-C, SIGTERM or a failure removes every namespace and process it made.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo fails loudly by design
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use http::Request;
+use http::{Request, StatusCode};
 use http_body_util::BodyExt;
+use trellis_integration::netns::{self, Mesh, PodSpec, ServiceSpec, metric};
 use trellis_integration::{
-    CONTROLLER_ACCOUNT, Ca, Controller, Echo, Echoed, Sidecar, empty, http1_client,
+    CONTROLLER_ACCOUNT, Ca, Controller, Echo, Echoed, Sidecar, binary, empty, http1_client,
+    processes_die_with_their_thread, remove_scratch_dirs, scratch_dir,
 };
 
 const NS: &str = "shop";
@@ -24,31 +32,222 @@ const PODS: [(&str, [u8; 4], &str); 3] = [
     ("catalog-v2-0", [127, 0, 10, 20], "catalog"),
     ("audit-0", [127, 0, 10, 30], "audit"),
 ];
-const CLIENT: [u8; 4] = [127, 0, 10, 5];
+const CLIENT_POD: &str = "web-0";
+const CLIENT_LOOPBACK: [u8; 4] = [127, 0, 10, 5];
 const REQUESTS: usize = 200;
 
 fn heading(s: &str) {
     println!("\n== {s}");
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let keep = args.iter().any(|a| a == "--keep");
-    args.retain(|a| a != "--keep");
-    let examples = args
-        .first()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("examples/mesh"));
-    assert!(
-        examples.join("routes.yaml").is_file(),
-        "{} has no routes.yaml: run from the repository root or name the examples directory",
-        examples.display()
-    );
+struct Args {
+    keep: bool,
+    loopback: bool,
+    examples: PathBuf,
+}
 
-    heading("starting a local mesh");
-    let manifests = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&examples).unwrap() {
+/// What the traffic showed, whichever way the mesh runs.
+struct Outcome {
+    by_pod: BTreeMap<String, usize>,
+    last: Option<Echoed>,
+    mirrored: usize,
+    pinned: String,
+    redirect: (StatusCode, String),
+    metrics_at: String,
+    metrics: String,
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |args: &mut Vec<String>, name: &str| {
+        let set = args.iter().any(|a| a == name);
+        args.retain(|a| a != name);
+        set
+    };
+    let args = Args {
+        keep: flag(&mut args, "--keep"),
+        loopback: flag(&mut args, "--loopback"),
+        examples: args
+            .first()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("examples/mesh")),
+    };
+    assert!(
+        args.examples.join("routes.yaml").is_file(),
+        "{} has no routes.yaml: run from the repository root or name the examples directory",
+        args.examples.display()
+    );
+    processes_die_with_their_thread();
+    on_signal_clean_up_and_exit();
+    let pods_missing = if args.loopback {
+        Some("--loopback".to_string())
+    } else {
+        netns::missing()
+    };
+    match pods_missing {
+        None => in_namespaces(&args),
+        Some(why) => {
+            println!("(pods on loopback addresses: {why})");
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(on_loopback(&args));
+        }
+    }
+}
+
+/// On Ctrl-C or SIGTERM: delete this process's namespaces and temporary directories and exit;
+/// every process the demo started runs under `--pdeathsig KILL` and dies with it.
+fn on_signal_clean_up_and_exit() {
+    std::thread::spawn(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut int = signal(SignalKind::interrupt()).unwrap();
+            let mut term = signal(SignalKind::terminate()).unwrap();
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        });
+        heading("stopping: every namespace and process of the demo goes with it");
+        netns::remove_all_of_this_process();
+        remove_scratch_dirs();
+        std::process::exit(130);
+    });
+}
+
+/// Pods as network namespaces with real interception.
+fn in_namespaces(args: &Args) {
+    heading(
+        "starting a local mesh: pods are network namespaces, iptables send their traffic to their sidecars",
+    );
+    let routes = std::fs::read_to_string(args.examples.join("routes.yaml")).unwrap();
+    let mut builder = Mesh::builder(10);
+    for (pod, _, sa) in PODS {
+        builder = builder.pod(PodSpec::meshed(pod, NS, sa).http(8080));
+    }
+    let mesh = builder
+        .pod(PodSpec::meshed(CLIENT_POD, NS, "web"))
+        .service(
+            ServiceSpec::new("catalog", NS)
+                .port("http", 80, 8080)
+                .endpoints(&["catalog-v1-0", "catalog-v2-0"]),
+        )
+        .service(
+            ServiceSpec::new("catalog-v1", NS)
+                .port("http", 80, 8080)
+                .endpoints(&["catalog-v1-0"]),
+        )
+        .service(
+            ServiceSpec::new("catalog-v2", NS)
+                .port("http", 80, 8080)
+                .endpoints(&["catalog-v2-0"]),
+        )
+        .service(
+            ServiceSpec::new("audit", NS)
+                .port("http", 80, 8080)
+                .endpoints(&["audit-0"]),
+        )
+        .routes(&routes)
+        .start();
+    println!(
+        "  identity (mesh CA)      https://{}  (control-plane namespace)",
+        mesh.identity_addr()
+    );
+    println!(
+        "  controller (local mode) https://{}  routes: {}, identity spiffe://cluster.local/ns/{}/sa/{}",
+        mesh.controller_addr(),
+        args.examples.join("routes.yaml").display(),
+        CONTROLLER_ACCOUNT.0,
+        CONTROLLER_ACCOUNT.1
+    );
+    for pod in mesh.pods() {
+        let app = if pod.spec.http_ports.is_empty() {
+            "the client".to_string()
+        } else {
+            "app :8080".to_string()
+        };
+        println!(
+            "  pod {:<14} {:<13} {app:<11} sidecar uid {} ({})",
+            pod.name(),
+            pod.ip,
+            netns::PROXY_UID,
+            pod.identity()
+        );
+    }
+    for svc in ["catalog", "catalog-v1", "catalog-v2", "audit"] {
+        println!(
+            "  Service {svc}.{NS} cluster IP {} (virtual: the sidecars resolve it)",
+            mesh.service_ip(svc)
+        );
+    }
+
+    let client = mesh.pod(CLIENT_POD);
+    heading(&format!(
+        "{REQUESTS} requests from {CLIENT_POD}: GET http://catalog/items (80/20 split, header filter, mirror to audit)"
+    ));
+    let replies = client.curl(&["-n", &REQUESTS.to_string(), "http://catalog/items"]);
+    let mut by_pod = BTreeMap::new();
+    for r in &replies {
+        *by_pod.entry(r.pod()).or_default() += 1;
+    }
+    let audit = mesh.pod("audit-0");
+    let mirrored = wait_for(REQUESTS, || {
+        metric(
+            &audit.metrics(),
+            "trellis_requests_total",
+            &[("direction", "inbound")],
+        ) as usize
+    });
+    let pinned = client
+        .get("http://catalog/items", &["x-canary: always"])
+        .pod();
+    let moved = client.get("http://catalog/v0/items", &[]);
+    let outcome = Outcome {
+        by_pod,
+        last: replies.last().and_then(|r| r.echoed()),
+        mirrored,
+        pinned,
+        redirect: (
+            StatusCode::from_u16(moved.status.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY),
+            moved.headers.get("location").cloned().unwrap_or_default(),
+        ),
+        metrics_at: format!("{CLIENT_POD} :4191/metrics"),
+        metrics: client.metrics(),
+    };
+    report(&outcome);
+
+    if args.keep {
+        let curl = if which("curl") {
+            "curl".to_string()
+        } else {
+            binary("trellis-curl").display().to_string()
+        };
+        let ns = &client.netns.name;
+        heading("the mesh keeps running; Ctrl-C stops it and removes every namespace");
+        println!(
+            "  ip netns exec {ns} {curl} http://catalog/items\n  ip netns exec {ns} {curl} -H 'x-canary: always' http://catalog/items\n  ip netns exec {ns} {curl} http://127.0.0.1:4191/metrics\n  ip netns exec {ns} iptables-save -t nat\n  edit {} and watch the routes change",
+            mesh.manifests.path().join("routes.yaml").display()
+        );
+        loop {
+            std::thread::park();
+        }
+    }
+    heading("stopping: every namespace and process of the demo goes with it");
+    drop(mesh);
+}
+
+/// Pods as loopback addresses; the client talks to its sidecar's outbound port.
+async fn on_loopback(args: &Args) {
+    heading("starting a local mesh on loopback addresses");
+    let manifests = scratch_dir();
+    for entry in std::fs::read_dir(&args.examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             std::fs::copy(&path, manifests.path().join(path.file_name().unwrap())).unwrap();
@@ -68,7 +267,7 @@ async fn main() {
     println!(
         "  controller (local mode) https://{}  manifests: {}, identity spiffe://cluster.local/ns/{}/sa/{}",
         controller.addr,
-        examples.display(),
+        args.examples.display(),
         CONTROLLER_ACCOUNT.0,
         CONTROLLER_ACCOUNT.1
     );
@@ -86,9 +285,9 @@ async fn main() {
     }
     let flags = ca.flags(NS, "web");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let client = Sidecar::start(IpAddr::from(CLIENT), NS, controller.addr, &flags);
+    let client = Sidecar::start(IpAddr::from(CLIENT_LOOPBACK), NS, controller.addr, &flags);
     println!(
-        "  client pod web-0        sidecar outbound {}",
+        "  pod {CLIENT_POD:<14} the client, sidecar outbound {}",
         client.outbound()
     );
 
@@ -101,79 +300,53 @@ async fn main() {
         }
         req.body(empty()).unwrap()
     };
-
-    heading(&format!(
-        "{REQUESTS} requests to http://catalog/items (80/20 split, header filter, mirror to audit)"
-    ));
-    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
-    let mut last: Option<Echoed> = None;
-    for _ in 0..REQUESTS {
-        let res = http.request(get("/items", &[])).await.unwrap();
+    let echoed = |res: http::Response<hyper::body::Incoming>| async move {
         let bytes = res.into_body().collect().await.unwrap().to_bytes();
-        let echoed: Echoed = serde_json::from_slice(&bytes).unwrap();
-        *by_pod.entry(echoed.pod.clone()).or_default() += 1;
-        last = Some(echoed);
-    }
-    for (pod, n) in &by_pod {
-        println!(
-            "  {pod:<14} {n:>4} ({:.0} %)",
-            100.0 * *n as f64 / REQUESTS as f64
-        );
-    }
-    if let Some(e) = &last {
-        println!(
-            "  the backend saw  x-mesh-route: {}",
-            e.header("x-mesh-route").unwrap_or_default()
-        );
-        println!(
-            "  the backend saw  trellis-client-id: {}",
-            e.header("trellis-client-id").unwrap_or_default()
-        );
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    println!(
-        "  mirror copies received by audit-0: {}",
-        apps["audit-0"].count()
-    );
-
-    heading("a pinned tester: x-canary: always");
-    let res = http
-        .request(get("/items", &[("x-canary", "always")]))
-        .await
-        .unwrap();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let echoed: Echoed = serde_json::from_slice(&bytes).unwrap();
-    println!("  answered by {}", echoed.pod);
-
-    heading("the old API: GET /v0/items");
-    let res = http.request(get("/v0/items", &[])).await.unwrap();
-    println!(
-        "  {} Location: {}",
-        res.status(),
-        res.headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-    );
+        serde_json::from_slice::<Echoed>(&bytes).unwrap()
+    };
 
     heading(&format!(
-        "the client sidecar's metrics (http://{}/metrics)",
-        client.admin()
+        "{REQUESTS} requests from {CLIENT_POD}: GET http://catalog/items (80/20 split, header filter, mirror to audit)"
     ));
-    let metrics = client.metrics().await;
-    for line in metrics
-        .lines()
-        .filter(|l| l.starts_with("trellis_requests_total{"))
-    {
-        println!("  {line}");
+    let mut by_pod = BTreeMap::new();
+    let mut last = None;
+    for _ in 0..REQUESTS {
+        let e = echoed(http.request(get("/items", &[])).await.unwrap()).await;
+        *by_pod.entry(e.pod.clone()).or_default() += 1;
+        last = Some(e);
     }
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("trellis_mirrors_total") || l.starts_with("trellis_identity_renewals_total")
-    }) {
-        println!("  {line}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while apps["audit-0"].count() < REQUESTS && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let pinned = echoed(
+        http.request(get("/items", &[("x-canary", "always")]))
+            .await
+            .unwrap(),
+    )
+    .await
+    .pod;
+    let moved = http.request(get("/v0/items", &[])).await.unwrap();
+    let outcome = Outcome {
+        by_pod,
+        last,
+        mirrored: apps["audit-0"].count(),
+        pinned,
+        redirect: (
+            moved.status(),
+            moved
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        metrics_at: format!("http://{}/metrics", client.admin()),
+        metrics: client.metrics().await,
+    };
+    report(&outcome);
 
-    if keep {
+    if args.keep {
         heading("the mesh keeps running; Ctrl-C stops it");
         println!(
             "  curl -H 'host: catalog' http://{}/items\n  curl http://{}/metrics\n  curl http://{}/config\n  edit {} and watch the routes change",
@@ -182,8 +355,58 @@ async fn main() {
             client.admin(),
             manifests.path().join("routes.yaml").display()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        std::future::pending::<()>().await;
     }
     heading("stopping: every process of the demo ends with it");
     drop((client, sidecars, controller, ca, apps));
+}
+
+fn report(o: &Outcome) {
+    for (pod, n) in &o.by_pod {
+        println!(
+            "  {pod:<14} {n:>4} ({:.0} %)",
+            100.0 * *n as f64 / REQUESTS as f64
+        );
+    }
+    if let Some(e) = &o.last {
+        for header in ["x-mesh-route", "trellis-client-id"] {
+            println!(
+                "  the backend saw  {header}: {}",
+                e.header(header).unwrap_or_default()
+            );
+        }
+    }
+    println!("  mirror copies received by audit-0: {}", o.mirrored);
+
+    heading("a pinned tester: x-canary: always");
+    println!("  answered by {}", o.pinned);
+
+    heading("the old API: GET /v0/items");
+    println!("  {} Location: {}", o.redirect.0, o.redirect.1);
+
+    heading(&format!("the client sidecar's metrics ({})", o.metrics_at));
+    for line in o.metrics.lines().filter(|l| {
+        l.starts_with("trellis_requests_total{")
+            || l.starts_with("trellis_mirrors_total")
+            || l.starts_with("trellis_identity_renewals_total")
+    }) {
+        println!("  {line}");
+    }
+}
+
+/// Polls `count` until it reaches `want` or 5 s pass; the last value.
+fn wait_for(want: usize, count: impl Fn() -> usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = count();
+        if n >= want || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn which(tool: &str) -> bool {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| Path::new(&dir).join(tool).is_file())
 }
