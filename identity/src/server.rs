@@ -6,7 +6,6 @@
 //! names what to fix. Slow clients are cut off (TLS handshake and request head within 10 s,
 //! body within 30 s); on shutdown open requests may finish.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,12 +15,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use trellis_api::certify::{
     CERTIFY_PATH, CertifyError, CertifyRequest, CertifyResponse, ErrorCode, MAX_REQUEST_BYTES,
 };
@@ -31,11 +25,7 @@ use crate::metrics::Metrics;
 use crate::reload::Current;
 use crate::tokens::Tokens;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Open requests get this long to finish after shutdown starts.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every certify request needs.
 #[derive(Debug)]
@@ -98,62 +88,11 @@ pub async fn serve(
     certifier: Arc<Certifier>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!("certify: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let acceptor = acceptor.clone();
+    let handler = move |peer, request| {
         let certifier = certifier.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!("certify: TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("certify: TLS handshake with {peer} timed out");
-                    return;
-                }
-            };
-            let service = service_fn(move |request| {
-                let certifier = certifier.clone();
-                async move { Ok::<_, Infallible>(handle(&certifier, peer, request).await) }
-            });
-            let connection = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!("certify: connection from {peer}: {e}");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("certify: open connections did not finish within {DRAIN_TIMEOUT:?}");
-    }
+        async move { handle(&certifier, peer, request).await }
+    };
+    trellis_admin::https::serve("certify", listener, tls, handler, shutdown).await;
 }
 
 async fn handle(

@@ -4,7 +4,6 @@
 //! request head within 10 s, body within 30 s, at most [`MAX_BODY_BYTES`]); on shutdown the
 //! server stops accepting and lets open requests finish.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,12 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{self, MAX_BODY_BYTES};
 use crate::config::Settings;
@@ -25,11 +19,7 @@ use crate::metrics::Metrics;
 
 /// The path the MutatingWebhookConfiguration's `clientConfig.service.path` points at.
 pub const PATH: &str = "/inject";
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Open requests get this long to finish after shutdown starts.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every request needs.
 #[derive(Debug)]
@@ -45,67 +35,11 @@ pub async fn serve(
     webhook: Arc<Webhook>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: pause instead of spinning.
-                    tracing::warn!("webhook: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Small request/response exchanges: without this, Nagle's algorithm meeting the peer's
-        // delayed ACK adds about 40 ms to a review.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("webhook: cannot set TCP_NODELAY for {peer}: {e}");
-        }
-        let acceptor = acceptor.clone();
+    let handler = move |_peer, request| {
         let webhook = webhook.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!("webhook: TLS handshake with {peer} failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("webhook: TLS handshake with {peer} timed out");
-                    return;
-                }
-            };
-            let service = service_fn(move |request| {
-                let webhook = webhook.clone();
-                async move { Ok::<_, Infallible>(handle(&webhook, request).await) }
-            });
-            let connection = builder
-                .serve_connection(TokioIo::new(tls), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!("webhook: connection from {peer}: {e}");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhook: open connections did not finish within {DRAIN_TIMEOUT:?}");
-    }
+        async move { handle(&webhook, request).await }
+    };
+    trellis_admin::https::serve("webhook", listener, tls, handler, shutdown).await;
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
