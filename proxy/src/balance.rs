@@ -31,6 +31,8 @@ fn now_ns() -> u64 {
 #[derive(Debug)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once rather than per request.
+    pub authority: http::uri::Authority,
     pub identity: Option<Identity>,
     pub pod: Option<String>,
     pending: AtomicU32,
@@ -43,6 +45,7 @@ impl EndpointState {
     pub fn new(addr: SocketAddr, identity: Option<Identity>, pod: Option<String>) -> Self {
         Self {
             addr,
+            authority: crate::hop::authority(addr),
             identity,
             pod,
             pending: AtomicU32::new(0),

@@ -7,7 +7,8 @@
 //! a TCP connection) follows. This lets one connection per peer carry every request, and works
 //! with or without iptables on the server's side. Requests for meshed endpoints carry the URI
 //! scheme [`MESH_SCHEME`], which is how the connector tells them apart and keeps their pool
-//! separate.
+//! separate. It is a standard scheme because `http` stores any other scheme on the heap, which
+//! would cost allocations on every clone of every request's URI, on both sides of the hop.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 
@@ -29,8 +31,9 @@ use trellis_tls::MeshTls;
 use crate::balance::EndpointRegistry;
 use tokio::net::TcpStream;
 
-/// The URI scheme of requests to meshed endpoints.
-pub const MESH_SCHEME: &str = "trellis";
+/// The URI scheme of requests to meshed endpoints (plain endpoints get `http`). It marks the
+/// request for the connector; the transport is the hop's, mutual TLS or not.
+pub const MESH_SCHEME: &str = "https";
 const PREAMBLE: &[u8] = b"TRELLIS/1 ";
 const MAX_PREAMBLE: usize = 32;
 /// How long a connection attempt may take before the endpoint counts as unreachable.
@@ -194,10 +197,11 @@ impl Connection for HopStream {
 }
 
 /// The connector of the upstream HTTP clients: reads the endpoint and its kind from the URI,
-/// its expected identity from the endpoint registry.
+/// its expected identity from the endpoint registry. The client clones it for every request,
+/// so it holds only pointers.
 #[derive(Clone, Debug)]
 pub struct Connector {
-    pub hop: Hop,
+    pub hop: Arc<Hop>,
     pub endpoints: Arc<EndpointRegistry>,
 }
 
@@ -233,20 +237,29 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// The URI of a request to `addr`, keeping the path and query.
+/// The URI authority of `addr`. Endpoints keep theirs, so that requests clone it instead of
+/// formatting and parsing an address each time.
+pub fn authority(addr: SocketAddr) -> Authority {
+    // An IP address and a port always make a valid authority.
+    Authority::from_maybe_shared(bytes::Bytes::from(addr.to_string()))
+        .unwrap_or_else(|_| Authority::from_static("0.0.0.0:0"))
+}
+
+/// The URI of a request to `authority`, keeping the path and query. Every part is cloned by
+/// reference count: building it allocates nothing.
 pub fn upstream_uri(
-    addr: SocketAddr,
+    authority: &Authority,
     meshed: bool,
-    path_and_query: Option<&http::uri::PathAndQuery>,
+    path_and_query: Option<&PathAndQuery>,
 ) -> Result<Uri, http::Error> {
-    let mut builder = Uri::builder()
-        .scheme(if meshed { MESH_SCHEME } else { "http" })
-        .authority(addr.to_string());
-    builder = match path_and_query {
-        Some(pq) => builder.path_and_query(pq.clone()),
-        None => builder.path_and_query("/"),
-    };
-    builder.build()
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if meshed { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(match path_and_query {
+        Some(pq) => pq.clone(),
+        None => PathAndQuery::from_static("/"),
+    });
+    Ok(Uri::from_parts(parts)?)
 }
 
 #[cfg(test)]
@@ -281,15 +294,20 @@ mod tests {
 
     #[test]
     fn upstream_uris_pick_the_scheme() {
-        let addr: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let addr = authority("10.0.0.1:8080".parse().unwrap());
         let pq = "/a?b=c".parse().unwrap();
         assert_eq!(
-            upstream_uri(addr, true, Some(&pq)).unwrap().to_string(),
-            "trellis://10.0.0.1:8080/a?b=c"
+            upstream_uri(&addr, true, Some(&pq)).unwrap().to_string(),
+            "https://10.0.0.1:8080/a?b=c"
         );
         assert_eq!(
-            upstream_uri(addr, false, None).unwrap().to_string(),
+            upstream_uri(&addr, false, None).unwrap().to_string(),
             "http://10.0.0.1:8080/"
+        );
+        let v6 = authority("[fd00::1]:4143".parse().unwrap());
+        assert_eq!(
+            upstream_uri(&v6, false, None).unwrap().to_string(),
+            "http://[fd00::1]:4143/"
         );
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::HeaderValue;
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -160,6 +161,7 @@ async fn deliver<I>(
         .metrics
         .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
     let app = SocketAddr::new(args.app_host, port);
+    let app_authority = hop::authority(app);
     let io = Prefixed::new(buf, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
@@ -170,7 +172,11 @@ async fn deliver<I>(
             let svc_proxy = proxy.clone();
             let service = hyper::service::service_fn(move |req| {
                 let (proxy, peer) = (svc_proxy.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(&proxy, app, peer, req).await) }
+                let app_authority = app_authority.clone();
+                async move {
+                    let res = handle(&proxy, app, &app_authority, peer, req).await;
+                    Ok::<_, std::convert::Infallible>(res)
+                }
             });
             crate::http::serve_connection(&proxy, io, service).await;
         }
@@ -183,6 +189,7 @@ async fn deliver<I>(
 async fn handle(
     proxy: &Proxy,
     app: SocketAddr,
+    app_authority: &Authority,
     peer: Option<(Arc<str>, HeaderValue)>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -197,7 +204,7 @@ async fn handle(
         }
         None => proxy.empty_label.clone(),
     };
-    let res = forward(proxy, app, req, grpc).await;
+    let res = forward(proxy, app, app_authority, req, grpc).await;
     let labels = RequestLabels {
         direction: DIRECTION,
         parent: proxy.empty_label.clone(),
@@ -216,6 +223,7 @@ async fn handle(
 async fn forward(
     proxy: &Proxy,
     app: SocketAddr,
+    app_authority: &Authority,
     req: Request<Incoming>,
     grpc: bool,
 ) -> Response<Body> {
@@ -231,7 +239,7 @@ async fn forward(
     {
         parts.headers.insert(http::header::HOST, v);
     }
-    let uri = match hop::upstream_uri(app, false, parts.uri.path_and_query()) {
+    let uri = match hop::upstream_uri(app_authority, false, parts.uri.path_and_query()) {
         Ok(u) => u,
         Err(_) => {
             return h::local(

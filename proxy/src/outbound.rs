@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use tokio::net::{TcpListener, TcpStream};
@@ -69,8 +70,15 @@ fn original_dst(stream: &TcpStream, local: Option<SocketAddr>) -> Option<SocketA
 struct Conn {
     orig_dst: Option<SocketAddr>,
     sub: Option<Subscription>,
-    /// Explicit mode: the last Host's subscription, since a connection rarely changes Host.
-    by_host: Mutex<Option<(DiscoveryTarget, Subscription)>>,
+    /// Explicit mode: the last Host's subscription, since a connection rarely changes Host. The
+    /// Host text is kept too, so that a repeated Host is found without parsing it again.
+    by_host: Mutex<Option<ByHost>>,
+}
+
+struct ByHost {
+    host: Box<str>,
+    target: DiscoveryTarget,
+    sub: Subscription,
 }
 
 async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<SocketAddr>) {
@@ -200,19 +208,27 @@ fn subscription(
         return Ok((sub.clone(), conn.orig_dst));
     }
     let host = h::host_of(req).ok_or("the request has no Host and no original destination")?;
-    let target = DiscoveryTarget::parse_with_default_port(host, 80)
-        .map_err(|_| "the request's Host is not a valid destination")?;
     let mut cached = match conn.by_host.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     };
-    if let Some((t, sub)) = cached.as_ref()
-        && *t == target
+    if let Some(c) = cached.as_ref()
+        && *c.host == *host
     {
-        return Ok((sub.clone(), None));
+        return Ok((c.sub.clone(), None));
     }
-    let sub = proxy.discovery.subscribe(&target);
-    *cached = Some((target, sub.clone()));
+    let target = DiscoveryTarget::parse_with_default_port(host, 80)
+        .map_err(|_| "the request's Host is not a valid destination")?;
+    let sub = match cached.as_ref() {
+        // Another spelling of the same destination.
+        Some(c) if c.target == target => c.sub.clone(),
+        _ => proxy.discovery.subscribe(&target),
+    };
+    *cached = Some(ByHost {
+        host: host.into(),
+        target,
+        sub: sub.clone(),
+    });
     Ok((sub, None))
 }
 
@@ -447,8 +463,9 @@ async fn mirror(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> 
         let meshed = ep.identity.is_some();
         let Ok(copy) = build_upstream(
             &parts,
+            parts.headers.clone(),
             h::full(bytes.clone()),
-            ep.addr,
+            &ep.authority,
             meshed,
             backend.request_headers.as_ref(),
         ) else {
@@ -477,18 +494,20 @@ async fn mirror(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> 
     Request::from_parts(parts, h::full(bytes))
 }
 
-/// The request for one attempt to `addr`, with the backend's request filters applied.
+/// The request for one attempt to `authority`, with the backend's request filters applied.
+/// `headers` are the client's, cloned by the caller only when another attempt may need them.
 fn build_upstream(
     parts: &http::request::Parts,
+    headers: HeaderMap,
     body: Body,
-    addr: SocketAddr,
+    authority: &Authority,
     meshed: bool,
     request_headers: Option<&CompiledHeaderModifier>,
 ) -> Result<Request<Body>, http::Error> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = crate::hop::upstream_uri(addr, meshed, parts.uri.path_and_query())?;
-    *req.headers_mut() = parts.headers.clone();
+    *req.uri_mut() = crate::hop::upstream_uri(authority, meshed, parts.uri.path_and_query())?;
+    *req.headers_mut() = headers;
     if parts.version != Version::HTTP_2
         && req.headers().get(header::HOST).is_none()
         && let Some(a) = parts.uri.authority()
@@ -547,12 +566,15 @@ async fn send_to_service(
     let attempt_timeout = rule
         .and_then(|r| r.timeouts.backend_request_ms)
         .map(Duration::from_millis);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = body.map_err(Into::into).boxed_unsync();
     // A body can be sent again only if it is empty; a streamed body is sent once.
     let replayable = body.is_end_stream();
     let mut body = Some(body);
     let retries = retry.map_or(0, |r| r.attempts);
+    // Whether a second attempt is possible at all (see `can_retry` below): only then does each
+    // attempt need its own copy of the headers.
+    let may_retry = replayable && (retries > 0 || balancer.endpoints().len() > 1);
     let mut avoid = None;
     let mut attempt = 0u32;
     loop {
@@ -572,10 +594,16 @@ async fn send_to_service(
             }
         };
         let meshed = ep.identity.is_some();
+        let headers = if may_retry {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let upstream_req = match build_upstream(
             &parts,
+            headers,
             this_body,
-            ep.addr,
+            &ep.authority,
             meshed,
             backend.request_headers.as_ref(),
         ) {
@@ -713,8 +741,12 @@ async fn forward_unrouted(
     // The connector finds the identity to verify in the registry: keep it there meanwhile.
     let _known = identity.map(|id| proxy.endpoints.get(addr, Some(id), None));
     let http2 = req.version() == Version::HTTP_2;
-    let (parts, body) = req.into_parts();
-    let Ok(upstream_req) = build_upstream(&parts, h::incoming(body), addr, meshed, None) else {
+    let (mut parts, body) = req.into_parts();
+    let headers = std::mem::take(&mut parts.headers);
+    let authority = crate::hop::authority(addr);
+    let Ok(upstream_req) =
+        build_upstream(&parts, headers, h::incoming(body), &authority, meshed, None)
+    else {
         return h::local(
             StatusCode::BAD_REQUEST,
             "the request cannot be forwarded",

@@ -132,7 +132,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let upstream = Upstream::new(
         Connector {
-            hop: hop.clone(),
+            hop: Arc::new(hop.clone()),
             endpoints: endpoints.clone(),
         },
         config.args.pool_idle_timeout,
