@@ -178,6 +178,11 @@ pub fn local(status: StatusCode, reason: &str, grpc: bool) -> Response<Body> {
 /// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1),
 /// which must not cross a proxy and which HTTP/2 forbids.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names costs less than the nine
+    // lookups below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION).cloned()
         && let Ok(list) = conn.to_str()
     {
@@ -205,6 +210,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// Whether `name` is one that [`strip_hop_by_hop`] may remove without being told by
+/// `Connection`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 /// The request's host: the Host header, else the URI authority (HTTP/2).
@@ -236,6 +257,15 @@ mod tests {
         assert_eq!(names, ["te", "x-kept"]);
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        let mut h = HeaderMap::new();
+        h.insert("proxy-connection", HeaderValue::from_static("close"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
     }

@@ -17,7 +17,7 @@ use trellis_api::Identity;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::hop;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::RequestLabels;
+use crate::metrics::{RequestCache, RequestLabels};
 use crate::proxy::Proxy;
 use crate::tcp;
 
@@ -170,11 +170,12 @@ async fn deliver<I>(
                 Some((Arc::from(text.as_str()), HeaderValue::from_str(&text).ok()?))
             });
             let svc_proxy = proxy.clone();
+            let cache = Arc::new(RequestCache::default());
             let service = hyper::service::service_fn(move |req| {
                 let (proxy, peer) = (svc_proxy.clone(), peer.clone());
-                let app_authority = app_authority.clone();
+                let (app_authority, cache) = (app_authority.clone(), cache.clone());
                 async move {
-                    let res = handle(&proxy, app, &app_authority, peer, req).await;
+                    let res = handle(&proxy, app, &app_authority, &cache, peer, req).await;
                     Ok::<_, std::convert::Infallible>(res)
                 }
             });
@@ -190,6 +191,7 @@ async fn handle(
     proxy: &Proxy,
     app: SocketAddr,
     app_authority: &Authority,
+    cache: &RequestCache,
     peer: Option<(Arc<str>, HeaderValue)>,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -215,7 +217,7 @@ async fn handle(
         peer_identity: peer_label,
         status: res.status().as_u16(),
     };
-    proxy.metrics.request(&labels, started.elapsed());
+    proxy.metrics.request(cache, labels, started.elapsed());
     res
 }
 

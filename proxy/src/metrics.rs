@@ -2,7 +2,7 @@
 //! a request clones pointers, never strings. Cardinality is bounded at the source: routes,
 //! Services and status codes, never paths or pod IPs.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +29,17 @@ pub struct RequestLabels {
     /// The client's mesh identity (inbound), when known.
     pub peer_identity: Arc<str>,
     pub status: u16,
+}
+
+/// One connection's last request series; see [`Metrics::request`].
+#[derive(Debug, Default)]
+pub struct RequestCache(Mutex<Option<RequestSeries>>);
+
+#[derive(Debug)]
+struct RequestSeries {
+    labels: RequestLabels,
+    count: Counter,
+    duration: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -178,12 +189,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Records a request whose response headers are going out.
-    pub fn request(&self, labels: &RequestLabels, took: std::time::Duration) {
-        self.request_duration
-            .get_or_create(labels)
-            .observe(took.as_secs_f64());
-        self.requests.get_or_create(labels).inc();
+    /// Records a request whose response headers are going out. A connection's requests mostly
+    /// share their labels: `cache` keeps the last labels' series, so that a repeat skips
+    /// hashing the labels and locking both families.
+    pub fn request(&self, cache: &RequestCache, labels: RequestLabels, took: std::time::Duration) {
+        let mut last = match cache.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(series) = last.as_ref().filter(|s| s.labels == labels) {
+            series.duration.observe(took.as_secs_f64());
+            series.count.inc();
+            return;
+        }
+        let series = RequestSeries {
+            duration: self.request_duration.get_or_create(&labels).clone(),
+            count: self.requests.get_or_create(&labels).clone(),
+            labels,
+        };
+        series.duration.observe(took.as_secs_f64());
+        series.count.inc();
+        *last = Some(series);
     }
 
     pub fn error(&self, direction: &'static str, reason: &'static str) {

@@ -19,7 +19,7 @@ use trellis_api::matching::RequestHead;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::{DirectionLabels, MirrorLabels, RequestLabels};
+use crate::metrics::{DirectionLabels, MirrorLabels, RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::proxy::Proxy;
 use crate::tcp;
@@ -73,6 +73,7 @@ struct Conn {
     /// Explicit mode: the last Host's subscription, since a connection rarely changes Host. The
     /// Host text is kept too, so that a repeated Host is found without parsing it again.
     by_host: Mutex<Option<ByHost>>,
+    metrics: RequestCache,
 }
 
 struct ByHost {
@@ -110,6 +111,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<Sock
                 orig_dst,
                 sub,
                 by_host: Mutex::new(None),
+                metrics: RequestCache::default(),
             });
             let svc_proxy = proxy.clone();
             let service = hyper::service::service_fn(move |req| {
@@ -194,7 +196,9 @@ async fn handle(proxy: &Proxy, conn: &Conn, req: Request<Incoming>) -> Response<
         peer_identity: proxy.empty_label.clone(),
         status: res.status().as_u16(),
     };
-    proxy.metrics.request(&labels, started.elapsed());
+    proxy
+        .metrics
+        .request(&conn.metrics, labels, started.elapsed());
     res
 }
 
