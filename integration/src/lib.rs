@@ -91,7 +91,21 @@ spec:
 }
 
 /// A binary of the workspace, built next to the running test or binary (`target/debug`).
+///
+/// `TRELLIS_TEST_PROXY_BINARY` names another `trellis-proxy` to test, such as the static build
+/// of `scripts/build-sidecar`.
 pub fn binary(name: &str) -> PathBuf {
+    if name == "trellis-proxy"
+        && let Some(path) = std::env::var_os("TRELLIS_TEST_PROXY_BINARY")
+    {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "TRELLIS_TEST_PROXY_BINARY: no {}",
+            path.display()
+        );
+        return path;
+    }
     let exe = std::env::current_exe().unwrap();
     let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
     // Tests run from target/debug/deps, binaries (the demo) from target/debug itself.
