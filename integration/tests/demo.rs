@@ -66,6 +66,71 @@ fn the_demo_runs_the_example_mesh_on_loopback() {
     assert_story(&stdout);
 }
 
+/// As a normal user the demo needs no flag: it sees it cannot make namespaces and runs on
+/// loopback addresses. Run as root, the test runs it as `nobody` from a directory `nobody` can
+/// read, with copies of the binaries and the examples.
+#[test]
+fn as_a_normal_user_the_demo_picks_loopback_by_itself() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let examples = dir.path().join("examples");
+    std::fs::create_dir(&examples).unwrap();
+    for file in std::fs::read_dir(EXAMPLES).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, examples.join(file.file_name().unwrap())).unwrap();
+    }
+    let names = [
+        "trellis-demo",
+        "trellis-proxy",
+        "trellis-controller",
+        "trellis-identity",
+        "trellis-echo",
+        "trellis-curl",
+    ];
+    for name in names {
+        let to = dir.path().join(name);
+        let from = binary(name);
+        std::fs::hard_link(&from, &to)
+            .or_else(|_| std::fs::copy(&from, &to).map(drop))
+            .unwrap();
+    }
+    let mut cmd = if root {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ]);
+        cmd.arg(dir.path().join("trellis-demo"));
+        cmd
+    } else {
+        Command::new(dir.path().join("trellis-demo"))
+    };
+    let out = cmd
+        .arg(&examples)
+        .current_dir(dir.path())
+        .env_remove("TRELLIS_TEST_PROXY_BINARY")
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("(pods on loopback addresses: pods are network namespaces with iptables rules: that needs root)"),
+        "{stdout}"
+    );
+    assert_story(&stdout);
+}
+
 /// The namespaces `trellis-demo` (pid `pid`) made that still exist.
 fn namespaces_of(pid: u32) -> Vec<String> {
     // Without `ip` there can be none.

@@ -72,11 +72,13 @@ fn main() {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("examples/mesh")),
     };
-    assert!(
-        args.examples.join("routes.yaml").is_file(),
-        "{} has no routes.yaml: run from the repository root or name the examples directory",
-        args.examples.display()
-    );
+    if !args.examples.join("routes.yaml").is_file() {
+        eprintln!(
+            "error: {} has no routes.yaml: run from the repository root or name the examples directory",
+            args.examples.display()
+        );
+        std::process::exit(2);
+    }
     processes_die_with_their_thread();
     on_signal_clean_up_and_exit();
     let pods_missing = if args.loopback {
