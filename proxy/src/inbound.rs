@@ -161,7 +161,6 @@ async fn deliver<I>(
         .metrics
         .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
     let app = SocketAddr::new(args.app_host, port);
-    let app_authority = hop::authority(app);
     let io = Prefixed::new(buf, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
@@ -170,12 +169,14 @@ async fn deliver<I>(
                 Some((Arc::from(text.as_str()), HeaderValue::from_str(&text).ok()?))
             });
             let svc_proxy = proxy.clone();
+            // Made once per connection: each request clones it.
+            let app = Arc::new(hop::authority(app));
             let cache = Arc::new(RequestCache::default());
             let service = hyper::service::service_fn(move |req| {
                 let (proxy, peer) = (svc_proxy.clone(), peer.clone());
-                let (app_authority, cache) = (app_authority.clone(), cache.clone());
+                let (app, cache) = (app.clone(), cache.clone());
                 async move {
-                    let res = handle(&proxy, app, &app_authority, &cache, peer, req).await;
+                    let res = handle(&proxy, &app, &cache, peer, req).await;
                     Ok::<_, std::convert::Infallible>(res)
                 }
             });
@@ -189,8 +190,7 @@ async fn deliver<I>(
 
 async fn handle(
     proxy: &Proxy,
-    app: SocketAddr,
-    app_authority: &Authority,
+    app: &Authority,
     cache: &RequestCache,
     peer: Option<(Arc<str>, HeaderValue)>,
     mut req: Request<Incoming>,
@@ -206,7 +206,7 @@ async fn handle(
         }
         None => proxy.empty_label.clone(),
     };
-    let res = forward(proxy, app, app_authority, req, grpc).await;
+    let res = forward(proxy, app, req, grpc).await;
     let labels = RequestLabels {
         direction: DIRECTION,
         parent: proxy.empty_label.clone(),
@@ -224,8 +224,7 @@ async fn handle(
 /// Delivers a request to the app, in the HTTP version the original client spoke.
 async fn forward(
     proxy: &Proxy,
-    app: SocketAddr,
-    app_authority: &Authority,
+    app: &Authority,
     req: Request<Incoming>,
     grpc: bool,
 ) -> Response<Body> {
@@ -241,7 +240,7 @@ async fn forward(
     {
         parts.headers.insert(http::header::HOST, v);
     }
-    let uri = match hop::upstream_uri(app_authority, false, parts.uri.path_and_query()) {
+    let uri = match hop::upstream_uri(app, false, parts.uri.path_and_query()) {
         Ok(u) => u,
         Err(_) => {
             return h::local(

@@ -576,9 +576,10 @@ async fn send_to_service(
     let replayable = body.is_end_stream();
     let mut body = Some(body);
     let retries = retry.map_or(0, |r| r.attempts);
-    // Whether a second attempt is possible at all (see `can_retry` below): only then does each
-    // attempt need its own copy of the headers.
-    let may_retry = replayable && (retries > 0 || balancer.endpoints().len() > 1);
+    // The two ways to another attempt: the route's retries, and one try of another endpoint
+    // after a failed connect.
+    let can_retry = |attempt: u32| replayable && attempt < retries;
+    let can_fail_over = |attempt: u32| replayable && attempt == 0 && balancer.endpoints().len() > 1;
     let mut avoid = None;
     let mut attempt = 0u32;
     loop {
@@ -598,7 +599,8 @@ async fn send_to_service(
             }
         };
         let meshed = ep.identity.is_some();
-        let headers = if may_retry {
+        // Only an attempt that may be followed by another needs its own copy of the headers.
+        let headers = if can_retry(attempt) || can_fail_over(attempt) {
             parts.headers.clone()
         } else {
             std::mem::take(&mut parts.headers)
@@ -630,18 +632,18 @@ async fn send_to_service(
         }
         .and_then(|r| r.map_err(AttemptError::Upstream));
         drop(in_flight);
-        let can_retry = replayable && attempt < retries;
+        let retryable = can_retry(attempt);
         match result {
             Ok(res) => {
                 let code = res.status().as_u16();
-                if can_retry && retry.is_some_and(|r| r.codes.contains(&code)) {
+                if retryable && retry.is_some_and(|r| r.codes.contains(&code)) {
                     let _ = res.into_body().collect().await;
                 } else {
                     return h::from_upstream(res);
                 }
             }
             Err(AttemptError::Timeout) => {
-                if !can_retry {
+                if !retryable {
                     proxy
                         .metrics
                         .timeouts
@@ -661,12 +663,7 @@ async fn send_to_service(
                 // once is safe even without a retry policy.
                 let connect_failed = e.is_connect();
                 tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
-                if !(can_retry
-                    || (connect_failed
-                        && replayable
-                        && attempt == 0
-                        && balancer.endpoints().len() > 1))
-                {
+                if !(retryable || (connect_failed && can_fail_over(attempt))) {
                     proxy.metrics.error(
                         DIRECTION,
                         if connect_failed {
