@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,12 @@ pub fn binary(name: &str) -> PathBuf {
     bin
 }
 
+/// Whether `tool` is a file in one of the `PATH` directories.
+pub fn on_path(tool: &str) -> bool {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| dir.join(tool).is_file())
+}
+
 /// A child process whose stderr is collected; killed when dropped.
 #[derive(Debug)]
 pub struct Process {
@@ -132,14 +138,14 @@ pub struct Process {
 }
 
 /// Set by [`processes_die_with_their_thread`].
-static DIE_WITH_THREAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static DIE_WITH_THREAD: AtomicBool = AtomicBool::new(false);
 
 /// From now on every [`Process`] is started under `setpriv --pdeathsig KILL`, so it is killed
 /// when the thread that started it ends, even if this process is killed outright (a demo
 /// stopped by a signal leaves nothing running). Only for programs that start processes from a
 /// thread that lives as long as they should.
 pub fn processes_die_with_their_thread() {
-    DIE_WITH_THREAD.store(true, std::sync::atomic::Ordering::SeqCst);
+    DIE_WITH_THREAD.store(true, Ordering::SeqCst);
 }
 
 /// Every directory made by [`scratch_dir`] in this process.
@@ -182,7 +188,7 @@ fn with_pdeathsig(cmd: &Command) -> Command {
 
 impl Process {
     pub fn spawn(mut cmd: Command) -> Process {
-        if DIE_WITH_THREAD.load(std::sync::atomic::Ordering::SeqCst) && cmd.get_program() != "ip" {
+        if DIE_WITH_THREAD.load(Ordering::SeqCst) && cmd.get_program() != "ip" {
             cmd = with_pdeathsig(&cmd);
         }
         let mut child = cmd

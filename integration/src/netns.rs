@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::{Echoed, Process, binary};
+use crate::{Echoed, Process, binary, on_path};
 
 /// The proxy's user id: `trellis-proxy init` never redirects its connections.
 pub const PROXY_UID: u32 = 2102;
@@ -85,9 +85,7 @@ pub fn missing() -> Option<String> {
         ("iptables", "iptables"),
         ("setpriv", "util-linux"),
     ] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-            .any(|dir| dir.join(tool).is_file());
-        if !found {
+        if !on_path(tool) {
             return Some(format!(
                 "`{tool}` is not on PATH: apt-get install -y {package}"
             ));

@@ -14,11 +14,16 @@ use trellis_integration::{binary, netns};
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mesh");
 
 fn demo(args: &[&str]) -> String {
-    let out = Command::new(binary("trellis-demo"))
-        .args(args)
-        .arg(EXAMPLES)
-        .output()
-        .unwrap();
+    succeeds(
+        Command::new(binary("trellis-demo"))
+            .args(args)
+            .arg(EXAMPLES),
+    )
+}
+
+/// Runs `cmd` to its end and returns its stdout; a failure shows both outputs.
+fn succeeds(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -111,18 +116,11 @@ fn as_a_normal_user_the_demo_picks_loopback_by_itself() {
     } else {
         Command::new(dir.path().join("trellis-demo"))
     };
-    let out = cmd
-        .arg(&examples)
-        .current_dir(dir.path())
-        .env_remove("TRELLIS_TEST_PROXY_BINARY")
-        .env("HOME", dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeds(
+        cmd.arg(&examples)
+            .current_dir(dir.path())
+            .env_remove("TRELLIS_TEST_PROXY_BINARY")
+            .env("HOME", dir.path()),
     );
     assert!(
         stdout.contains("(pods on loopback addresses: pods are network namespaces with iptables rules: that needs root)"),

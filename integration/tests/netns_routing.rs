@@ -397,6 +397,13 @@ fn routes_apply_between_pods_in_network_namespaces() {
         assert_eq!(inbound, *answered as f64, "inbound requests at {pod}:\n{m}");
     }
 
+    // A counter of the client's sidecar, outbound, read now.
+    let client_outbound = |name: &str, labels: &[(&str, &str)]| {
+        let mut all = vec![("direction", "outbound")];
+        all.extend_from_slice(labels);
+        metric(&client.metrics(), name, &all)
+    };
+
     // Timeouts: a backend slower than the rule's 300 ms gets the client a 504 from its own
     // sidecar, in about that time.
     let asked = Instant::now();
@@ -404,14 +411,7 @@ fn routes_apply_between_pods_in_network_namespaces() {
     assert_eq!(slow.status, Some(504), "{slow:?}");
     assert!(slow.headers.contains_key("trellis-proxy-error"), "{slow:?}");
     assert!(asked.elapsed() < Duration::from_millis(2500), "{slow:?}");
-    assert_eq!(
-        metric(
-            &client.metrics(),
-            "trellis_timeouts_total",
-            &[("direction", "outbound")]
-        ),
-        1.0
-    );
+    assert_eq!(client_outbound("trellis_timeouts_total", &[]), 1.0);
 
     // Retries: a 503 is sent again twice, so the backend pod sees three attempts.
     let v2_inbound = || {
@@ -425,23 +425,11 @@ fn routes_apply_between_pods_in_network_namespaces() {
     let retried = client.get(&format!("{echo}/retry?status=503"), &[]);
     assert_eq!(retried.status, Some(503), "{retried:?}");
     assert_eq!(v2_inbound() - before, 3.0);
-    assert_eq!(
-        metric(
-            &client.metrics(),
-            "trellis_retries_total",
-            &[("direction", "outbound")]
-        ),
-        2.0
-    );
+    assert_eq!(client_outbound("trellis_retries_total", &[]), 2.0);
 
     // GRPCRoute weights per call, 500 calls as streams of one HTTP/2 connection from the app.
-    let h2_connections = || {
-        metric(
-            &client.metrics(),
-            "trellis_protocol_detections_total",
-            &[("direction", "outbound"), ("protocol", "h2")],
-        )
-    };
+    let h2_connections =
+        || client_outbound("trellis_protocol_detections_total", &[("protocol", "h2")]);
     let connections_before = h2_connections();
     let calls = client.curl(&[
         "--h2",
@@ -473,11 +461,7 @@ fn routes_apply_between_pods_in_network_namespaces() {
         "echo-v1 answered {grpc_v1} of 500"
     );
     assert_eq!(
-        metric(
-            &client.metrics(),
-            "trellis_requests_total",
-            &[("direction", "outbound"), ("route", "mesh/echo-grpc")]
-        ),
+        client_outbound("trellis_requests_total", &[("route", "mesh/echo-grpc")]),
         500.0
     );
     eprintln!("routing scenarios done in {:?}", started.elapsed());

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
@@ -22,7 +22,7 @@ use http_body_util::BodyExt;
 use trellis_integration::netns::{self, Mesh, PodSpec, ServiceSpec, metric};
 use trellis_integration::{
     CONTROLLER_ACCOUNT, Ca, Controller, Echo, Echoed, Sidecar, binary, empty, http1_client,
-    processes_die_with_their_thread, remove_scratch_dirs, scratch_dir,
+    on_path, processes_die_with_their_thread, remove_scratch_dirs, scratch_dir,
 };
 
 const NS: &str = "shop";
@@ -31,6 +31,14 @@ const PODS: [(&str, [u8; 4], &str); 3] = [
     ("catalog-v1-0", [127, 0, 10, 10], "catalog"),
     ("catalog-v2-0", [127, 0, 10, 20], "catalog"),
     ("audit-0", [127, 0, 10, 30], "audit"),
+];
+/// The example's Services and their pods: the namespace mesh makes them again with cluster IPs
+/// of its own.
+const SERVICES: [(&str, &[&str]); 4] = [
+    ("catalog", &["catalog-v1-0", "catalog-v2-0"]),
+    ("catalog-v1", &["catalog-v1-0"]),
+    ("catalog-v2", &["catalog-v2-0"]),
+    ("audit", &["audit-0"]),
 ];
 const CLIENT_POD: &str = "web-0";
 const CLIENT_LOOPBACK: [u8; 4] = [127, 0, 10, 5];
@@ -134,28 +142,15 @@ fn in_namespaces(args: &Args) {
     for (pod, _, sa) in PODS {
         builder = builder.pod(PodSpec::meshed(pod, NS, sa).http(8080));
     }
+    for (svc, endpoints) in SERVICES {
+        builder = builder.service(
+            ServiceSpec::new(svc, NS)
+                .port("http", 80, 8080)
+                .endpoints(endpoints),
+        );
+    }
     let mesh = builder
         .pod(PodSpec::meshed(CLIENT_POD, NS, "web"))
-        .service(
-            ServiceSpec::new("catalog", NS)
-                .port("http", 80, 8080)
-                .endpoints(&["catalog-v1-0", "catalog-v2-0"]),
-        )
-        .service(
-            ServiceSpec::new("catalog-v1", NS)
-                .port("http", 80, 8080)
-                .endpoints(&["catalog-v1-0"]),
-        )
-        .service(
-            ServiceSpec::new("catalog-v2", NS)
-                .port("http", 80, 8080)
-                .endpoints(&["catalog-v2-0"]),
-        )
-        .service(
-            ServiceSpec::new("audit", NS)
-                .port("http", 80, 8080)
-                .endpoints(&["audit-0"]),
-        )
         .routes(&routes)
         .start();
     println!(
@@ -171,9 +166,9 @@ fn in_namespaces(args: &Args) {
     );
     for pod in mesh.pods() {
         let app = if pod.spec.http_ports.is_empty() {
-            "the client".to_string()
+            "the client"
         } else {
-            "app :8080".to_string()
+            "app :8080"
         };
         println!(
             "  pod {:<14} {:<13} {app:<11} sidecar uid {} ({})",
@@ -183,7 +178,7 @@ fn in_namespaces(args: &Args) {
             pod.identity()
         );
     }
-    for svc in ["catalog", "catalog-v1", "catalog-v2", "audit"] {
+    for (svc, _) in SERVICES {
         println!(
             "  Service {svc}.{NS} cluster IP {} (virtual: the sidecars resolve it)",
             mesh.service_ip(svc)
@@ -226,7 +221,7 @@ fn in_namespaces(args: &Args) {
     report(&outcome);
 
     if args.keep {
-        let curl = if which("curl") {
+        let curl = if on_path("curl") {
             "curl".to_string()
         } else {
             binary("trellis-curl").display().to_string()
@@ -317,10 +312,8 @@ async fn on_loopback(args: &Args) {
         *by_pod.entry(e.pod.clone()).or_default() += 1;
         last = Some(e);
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while apps["audit-0"].count() < REQUESTS && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A blocking wait: this worker's tasks, the echo apps', move to the other worker meanwhile.
+    let mirrored = tokio::task::block_in_place(|| wait_for(REQUESTS, || apps["audit-0"].count()));
     let pinned = echoed(
         http.request(get("/items", &[("x-canary", "always")]))
             .await
@@ -332,7 +325,7 @@ async fn on_loopback(args: &Args) {
     let outcome = Outcome {
         by_pod,
         last,
-        mirrored: apps["audit-0"].count(),
+        mirrored,
         pinned,
         redirect: (
             moved.status(),
@@ -406,9 +399,4 @@ fn wait_for(want: usize, count: impl Fn() -> usize) -> usize {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn which(tool: &str) -> bool {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .any(|dir| Path::new(&dir).join(tool).is_file())
 }
