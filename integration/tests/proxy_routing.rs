@@ -316,3 +316,30 @@ async fn a_route_change_applies_within_a_second_without_failed_requests() {
     };
     assert!(switched < Duration::from_secs(1), "took {switched:?}");
 }
+
+/// A refused connection carried no byte: the sidecar tries the Service's other endpoint, even
+/// without a retry policy, and the app never sees the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_fails_over_to_another_endpoint() {
+    let mut mesh = Mesh::start(35, ROUTES).await;
+    // echo-v2-0's sidecar goes away; discovery still lists the pod, whose port now refuses.
+    drop(mesh.backends.remove(1));
+    let client = http1_client();
+    for _ in 0..20 {
+        let req = mesh
+            .request("echo.mesh:7070", "/any")
+            .body(empty())
+            .unwrap();
+        let (status, _, echoed) = send(&client, req).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed.unwrap().pod, "echo-v1-0");
+    }
+    // The refused pod was picked, and each time the request went on to echo-v1-0.
+    let metrics = mesh.client.metrics().await;
+    let failed_over = trellis_integration::netns::metric(
+        &metrics,
+        "trellis_retries_total",
+        &[("direction", "outbound")],
+    );
+    assert!(failed_over >= 1.0, "{metrics}");
+}
