@@ -10,5 +10,6 @@ pub mod filters;
 pub mod identity;
 pub mod matching;
 pub mod policy;
+pub mod probes;
 
 pub use identity::Identity;
