@@ -519,3 +519,63 @@ fn a_route_whose_rules_are_all_broken_is_not_accepted_but_answers_500() {
         "{e:#?}"
     );
 }
+
+/// A completed Job's pod keeps its `podIP` in the API after the IP went to a new pod. Whichever
+/// order the pods come in, the IP means the live pod, in "not a Service" answers and endpoints.
+#[test]
+fn a_finished_pods_ip_belongs_to_the_live_pod_that_reuses_it() {
+    let pod = |name: &str, sa: &str, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\n\
+             metadata: {{name: {name}, namespace: shop, annotations: {{trellis.dev/proxy-version: \"1\"}}}}\n\
+             spec: {{serviceAccountName: {sa}, containers: [{{name: a, image: a}}]{extra}}}\n"
+        )
+    };
+    let cluster = |job: &str, live: &str| {
+        [
+            pod(job, "batch", "}\nstatus: {phase: Succeeded, podIP: 10.1.0.50"),
+            pod(
+                "node-agent",
+                "agent",
+                ", hostNetwork: true}\nstatus: {phase: Running, podIP: 10.1.0.50",
+            ),
+            pod(live, "cart", "}\nstatus: {phase: Running, podIP: 10.1.0.50"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: cart, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.30, ports: [{name: http, port: 80}]}\n"
+                .to_string(),
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: cart-1, namespace: shop, labels: {{kubernetes.io/service-name: cart}}}}\n\
+                 addressType: IPv4\nports: [{{name: http, port: 8080}}]\n\
+                 endpoints: [{{addresses: [10.1.0.50], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {live}}}}}]\n"
+            ),
+        ]
+        .join("---\n")
+    };
+    // Pods are read in name order: the finished one first, then last.
+    for (job, live) in [("a-job", "cart-0"), ("z-job", "cart-0")] {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.yaml"), cluster(job, live)).unwrap();
+        let idx = Index::build(&load_dir(dir.path()).unwrap(), &Config::default());
+        let want = "spiffe://cluster.local/ns/shop/sa/cart";
+        match idx.outbound("shop", &"10.1.0.50:8080".parse().unwrap()) {
+            OutboundPolicy::NotAService { identity: Some(id) } => {
+                assert_eq!(id.to_string(), want, "{job}")
+            }
+            other => panic!("{job}: {other:?}"),
+        }
+        let p = service_policy(&idx, "shop", "10.96.0.30:80");
+        let Routing::Passthrough { backend } = p.routing else {
+            panic!("expected passthrough");
+        };
+        let BackendTarget::Service { endpoints, .. } = backend.target else {
+            panic!("expected a Service backend");
+        };
+        assert_eq!(endpoints.len(), 1);
+        assert_eq!(
+            endpoints[0].identity.as_ref().map(ToString::to_string),
+            Some(want.to_string()),
+            "{job}"
+        );
+    }
+}

@@ -85,6 +85,64 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
         .unwrap_or_else(|| "default".to_string())
 }
 
+/// A pod that answers mutual TLS with its identity, at the IPs it holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MeshedPod {
+    pub namespace: String,
+    pub name: String,
+    pub identity: Identity,
+    pub ips: Vec<IpAddr>,
+}
+
+/// The pod as the model sees it: `None` unless it carries the injector's marker and still
+/// holds its own IP. A finished pod (phase `Succeeded` or `Failed`: a completed Job, an
+/// evicted pod) keeps its `podIP` in the API, but the IP goes back to the node's pool and is
+/// given to a new pod; a `hostNetwork` pod's IP is its node's, shared with every other such
+/// pod. Either would hand a live pod's IP the wrong identity, and mutual TLS to it would fail.
+pub fn meshed_pod(pod: &Pod, config: &Config) -> Option<MeshedPod> {
+    let annotations = pod.metadata.annotations.as_ref()?;
+    if !annotations.contains_key(PROXY_VERSION_ANNOTATION) {
+        return None;
+    }
+    let name = pod.metadata.name.clone()?;
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return None;
+    }
+    let status = pod.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    ) {
+        return None;
+    }
+    let namespace = namespace_of(&pod.metadata);
+    let sa = spec
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
+    let identity = Identity::new(config.trust_domain.clone(), namespace.clone(), sa);
+    let mut ips: Vec<IpAddr> = status
+        .into_iter()
+        .flat_map(|s| {
+            s.pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .chain(s.pod_ip.as_deref())
+        })
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    Some(MeshedPod {
+        namespace,
+        name,
+        identity,
+        ips,
+    })
+}
+
 impl Services {
     pub fn build(
         services: &[Service],
@@ -140,33 +198,14 @@ impl Services {
         }
 
         for pod in pods {
-            let annotations = pod.metadata.annotations.as_ref();
-            if !annotations.is_some_and(|a| a.contains_key(PROXY_VERSION_ANNOTATION)) {
-                continue;
-            }
-            let Some(name) = pod.metadata.name.clone() else {
+            let Some(meshed) = meshed_pod(pod, config) else {
                 continue;
             };
-            let ns = namespace_of(&pod.metadata);
-            let sa = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".to_string());
-            let identity = Identity::new(config.trust_domain.clone(), ns.clone(), sa);
-            if let Some(status) = &pod.status {
-                let ips = status
-                    .pod_ips
-                    .iter()
-                    .flatten()
-                    .map(|p| p.ip.clone())
-                    .chain(status.pod_ip.clone());
-                for ip in ips.filter_map(|ip| ip.parse::<IpAddr>().ok()) {
-                    this.ip_identity.insert(ip, identity.clone());
-                }
+            for ip in meshed.ips {
+                this.ip_identity.insert(ip, meshed.identity.clone());
             }
-            this.pod_identity.insert((ns, name), identity);
+            this.pod_identity
+                .insert((meshed.namespace, meshed.name), meshed.identity);
         }
 
         for slice in slices {
@@ -280,5 +319,65 @@ impl Services {
         let mut out = if ready.is_empty() { fallback } else { ready };
         out.sort_by_key(|e| e.addr);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pod(annotated: bool, host_network: Option<bool>, phase: Option<&str>) -> Pod {
+        let mut pod = json!({
+            "metadata": {"name": "job-1", "namespace": "batch"},
+            "spec": {"serviceAccountName": "worker", "containers": []},
+            "status": {"podIP": "10.1.0.7", "podIPs": [{"ip": "10.1.0.7"}, {"ip": "fd00::7"}]}
+        });
+        if annotated {
+            pod["metadata"]["annotations"] = json!({PROXY_VERSION_ANNOTATION: "0.1.0"});
+        }
+        if let Some(h) = host_network {
+            pod["spec"]["hostNetwork"] = json!(h);
+        }
+        if let Some(p) = phase {
+            pod["status"]["phase"] = json!(p);
+        }
+        serde_json::from_value(pod).unwrap()
+    }
+
+    #[test]
+    fn only_live_meshed_pods_on_their_own_network_hold_an_identity() {
+        let cases = [
+            // annotated, hostNetwork, phase, has an identity
+            (true, None, Some("Running"), true),
+            (true, None, Some("Pending"), true),
+            (true, None, Some("Unknown"), true),
+            (true, None, None, true),
+            (true, Some(false), Some("Running"), true),
+            (true, None, Some("Succeeded"), false),
+            (true, None, Some("Failed"), false),
+            (true, Some(true), Some("Running"), false),
+            (false, None, Some("Running"), false),
+        ];
+        let config = Config::default();
+        for (annotated, host_network, phase, want) in cases {
+            let got = meshed_pod(&pod(annotated, host_network, phase), &config);
+            assert_eq!(
+                got.is_some(),
+                want,
+                "annotated {annotated}, hostNetwork {host_network:?}, phase {phase:?}: {got:?}"
+            );
+        }
+        let live = meshed_pod(&pod(true, None, Some("Running")), &config).unwrap();
+        assert_eq!(
+            live,
+            MeshedPod {
+                namespace: "batch".to_string(),
+                name: "job-1".to_string(),
+                identity: Identity::new("cluster.local", "batch", "worker"),
+                ips: vec!["10.1.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
+            }
+        );
     }
 }

@@ -94,8 +94,9 @@ pub fn endpoint_slice(slice: &mut EndpointSlice) {
 }
 
 /// Meshed pods (those with the `trellis.dev/proxy-version` annotation) keep that annotation,
-/// `spec.serviceAccountName` and `status.podIP(s)`; other pods keep only their name, since the
-/// model gives them no identity.
+/// `spec.serviceAccountName`, `spec.hostNetwork`, `status.phase` and `status.podIP(s)` (a
+/// finished or host-network pod does not own its IP); other pods keep only their name, since
+/// the model gives them no identity.
 pub fn pod(pod: &mut Pod) {
     meta(&mut pod.metadata, None, Some(PROXY_VERSION_ANNOTATION));
     if pod.metadata.annotations.is_none() {
@@ -105,9 +106,11 @@ pub fn pod(pod: &mut Pod) {
     }
     pod.spec = pod.spec.take().map(|spec| PodSpec {
         service_account_name: spec.service_account_name,
+        host_network: spec.host_network,
         ..Default::default()
     });
     pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
         pod_ip: status.pod_ip,
         pod_ips: status
             .pod_ips
@@ -236,7 +239,7 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": noisy_meta(json!({"annotations": annotations})),
             "spec": {
-                "serviceAccountName": "web", "nodeName": "node-1",
+                "serviceAccountName": "web", "nodeName": "node-1", "hostNetwork": false,
                 "containers": [{"name": "app", "image": "web:1", "env": [{"name": "A", "value": "b"}]}]
             },
             "status": {
@@ -249,7 +252,7 @@ mod tests {
     }
 
     #[test]
-    fn meshed_pods_keep_the_marker_service_account_and_ips() {
+    fn meshed_pods_keep_the_marker_service_account_network_phase_and_ips() {
         let got = stripped(
             pod,
             pod_json(json!({"trellis.dev/proxy-version": "0.1.0", "other": "x"})),
@@ -260,8 +263,8 @@ mod tests {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": "x", "namespace": "ns", "resourceVersion": "7",
                              "annotations": {"trellis.dev/proxy-version": "0.1.0"}},
-                "spec": {"serviceAccountName": "web", "containers": []},
-                "status": {"podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}]}
+                "spec": {"serviceAccountName": "web", "hostNetwork": false, "containers": []},
+                "status": {"phase": "Running", "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}]}
             })
         );
     }
