@@ -33,9 +33,19 @@ pub struct Args {
     /// The pod's name, for logs.
     #[arg(long, env = "TRELLIS_POD_NAME", default_value = "")]
     pub pod_name: String,
-    /// Where inbound traffic is delivered to the app (the app listens here at its own ports).
-    #[arg(long, env = "TRELLIS_APP_HOST", default_value = "127.0.0.1")]
-    pub app_host: IpAddr,
+    /// The pod's IP (downward API): inbound traffic is delivered to the app there, the address
+    /// other pods reach it at, so listeners bound to loopback only stay private to the pod.
+    #[arg(long, env = "TRELLIS_POD_IP")]
+    pub pod_ip: Option<IpAddr>,
+    /// Where inbound traffic is delivered to the app instead of the pod IP (local runs without
+    /// a pod IP; a loopback address here exposes the app's loopback listeners to the mesh).
+    /// Without either, 127.0.0.1.
+    #[arg(long, env = "TRELLIS_APP_HOST")]
+    pub app_host: Option<IpAddr>,
+    /// The app ports inbound traffic may reach (the pod's declared ports; comma list, ranges
+    /// allowed). Unset: every port but the proxy's own.
+    #[arg(long, env = "TRELLIS_INBOUND_PORTS")]
+    pub inbound_ports: Option<String>,
     /// Ports treated as opaque TCP without detection (comma list, ranges allowed).
     #[arg(long, env = "TRELLIS_OPAQUE_PORTS", default_value = DEFAULT_OPAQUE_PORTS)]
     pub opaque_ports: String,
@@ -60,6 +70,29 @@ pub struct Args {
     /// On SIGTERM, in-flight requests get this long to finish.
     #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Open connections allowed per direction (inbound, outbound); one more is closed at once
+    /// and counted.
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// How long a TLS handshake and the mesh preamble may take, on either side of the hop.
+    #[arg(long, env = "TRELLIS_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// TCP keep-alive: a silent peer is probed after this long, and dropped after three
+    /// unanswered probes.
+    #[arg(long, env = "TRELLIS_TCP_KEEPALIVE", default_value = "30s", value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
+    /// An HTTP connection with no request in flight for this long is closed gracefully.
+    #[arg(long, env = "TRELLIS_HTTP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+    /// An opaque TCP connection that moves no byte either way for this long is closed.
+    #[arg(long, env = "TRELLIS_TCP_IDLE_TIMEOUT", default_value = "60m", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
+    /// Mirror copies in flight at once; a copy beyond this is dropped and counted.
+    #[arg(long, env = "TRELLIS_MIRROR_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub mirror_max_in_flight: usize,
+    /// How long a mirror copy may take, answer included, before it is abandoned and counted.
+    #[arg(long, env = "TRELLIS_MIRROR_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub mirror_timeout: Duration,
     /// Worker threads (1 suits a sidecar).
     #[arg(long, env = "TRELLIS_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
@@ -94,6 +127,19 @@ pub struct Args {
     /// kubelet probes); every other port requires mutual TLS. Comma list, ranges allowed.
     #[arg(long, env = "TRELLIS_INBOUND_PLAINTEXT_PORTS", default_value = "")]
     pub inbound_plaintext_ports: String,
+    /// The app's original kubelet probes (JSON, written by the injector), checked on the
+    /// kubelet's behalf at `/app-health/<container>/<probe>` on the admin port.
+    #[arg(long, env = trellis_api::probes::APP_PROBES_ENV)]
+    pub app_probes: Option<String>,
+    /// How long one app-health check may take (the kubelet's `timeoutSeconds` bounds the
+    /// request to the admin port from outside).
+    #[arg(long, env = "TRELLIS_APP_PROBE_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub app_probe_timeout: Duration,
+    /// Serve `/config` on the admin port to every client, not only to loopback ones
+    /// (`kubectl port-forward`, `kubectl exec`): it names every destination, endpoint,
+    /// identity and header value the sidecar knows.
+    #[arg(long, env = "TRELLIS_ADMIN_CONFIG_PUBLIC")]
+    pub admin_config_public: bool,
     /// Log filter, e.g. `info` or `trellis_proxy=debug,info`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
@@ -106,6 +152,8 @@ pub enum ConfigError {
     Ports(String),
     #[error("--worker-threads must be at least 1")]
     Workers,
+    #[error("--max-connections and --mirror-max-in-flight must be at least 1")]
+    Limits,
     #[error("--controller-addr {0:?} must be host:port")]
     Controller(String),
     #[error("--namespace must not be empty")]
@@ -114,6 +162,10 @@ pub enum ConfigError {
     HeaderBytes,
     #[error("--inbound-plaintext-ports: {0}")]
     PlaintextPorts(String),
+    #[error("--inbound-ports: {0}")]
+    InboundPorts(String),
+    #[error("--app-probes (TRELLIS_APP_PROBES): {0}")]
+    AppProbes(crate::probes::ProbesError),
     #[error("--identity-addr needs --trust-anchors (PEM text or a file)")]
     NoAnchors,
     #[error("--trust-anchors: cannot read {path}: {reason}")]
@@ -132,6 +184,10 @@ pub struct Config {
     pub args: Args,
     pub opaque_ports: PortSet,
     pub plaintext_ports: PortSet,
+    /// The app ports inbound may deliver to; `None` allows every port but the proxy's own.
+    pub inbound_ports: Option<PortSet>,
+    /// The app's probes (`--app-probes`), by `<container>/<probe>`.
+    pub app_probes: trellis_api::probes::AppProbes,
     /// Set when identity is on: the trust anchors' PEM text.
     pub anchors_pem: Option<String>,
     /// Set when identity is on: who the discovery connection must reach.
@@ -143,6 +199,9 @@ impl Args {
         let opaque_ports = PortSet::parse(&self.opaque_ports).map_err(ConfigError::Ports)?;
         if self.worker_threads == 0 {
             return Err(ConfigError::Workers);
+        }
+        if self.max_connections == 0 || self.mirror_max_in_flight == 0 {
+            return Err(ConfigError::Limits);
         }
         match self.controller_addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
@@ -156,6 +215,17 @@ impl Args {
         }
         let plaintext_ports =
             PortSet::parse(&self.inbound_plaintext_ports).map_err(ConfigError::PlaintextPorts)?;
+        let inbound_ports = self
+            .inbound_ports
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .map(PortSet::parse)
+            .transpose()
+            .map_err(ConfigError::InboundPorts)?;
+        let app_probes = match self.app_probes.as_deref().map(str::trim) {
+            None | Some("") => Default::default(),
+            Some(json) => crate::probes::parse(json).map_err(ConfigError::AppProbes)?,
+        };
         let anchors_pem = match (&self.identity_addr, &self.trust_anchors) {
             (None, _) => None,
             (Some(_), None) => return Err(ConfigError::NoAnchors),
@@ -177,6 +247,8 @@ impl Args {
             args: self,
             opaque_ports,
             plaintext_ports,
+            inbound_ports,
+            app_probes,
             anchors_pem,
             controller_identity,
         })
@@ -317,6 +389,22 @@ mod tests {
             with("trellis-controller", "cluster.local"),
             Err(ConfigError::ControllerIdentity(m)) if m.contains("not a mesh identity")
         ));
+    }
+
+    #[test]
+    fn app_probes() {
+        assert!(validate(&[]).unwrap().app_probes.is_empty());
+        let json = r#"{"app/readiness":{"kind":"tcp","port":8080}}"#;
+        assert_eq!(
+            validate(&["--app-probes", json]).unwrap().app_probes.len(),
+            1
+        );
+        let err = validate(&["--app-probes", "{bad"]).unwrap_err();
+        assert!(matches!(err, ConfigError::AppProbes(_)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("--app-probes (TRELLIS_APP_PROBES): ")
+        );
     }
 
     #[test]

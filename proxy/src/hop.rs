@@ -96,6 +96,11 @@ fn invalid(msg: &str) -> io::Error {
 #[derive(Clone, Debug)]
 pub struct Hop {
     pub peer_inbound_port: u16,
+    /// The pod's own app, dialed from the delivery source address.
+    pub app: crate::app::App,
+    /// How long the TLS handshake and the preamble may take.
+    pub handshake_timeout: Duration,
+    pub tcp_keepalive: Duration,
     /// Mutual TLS, when the sidecar has an identity; plaintext otherwise.
     pub tls: Option<MeshTls>,
 }
@@ -116,6 +121,11 @@ pub async fn connect(
     identity: Option<&Identity>,
     hop: &Hop,
 ) -> io::Result<HopStream> {
+    if !meshed && hop.app.is_app(addr) {
+        let stream = hop.app.connect(addr.port()).await?;
+        crate::listen::tune(&stream, hop.tcp_keepalive);
+        return Ok(HopStream::Plain(stream));
+    }
     let dial = if meshed {
         SocketAddr::new(addr.ip(), hop.peer_inbound_port)
     } else {
@@ -129,25 +139,35 @@ pub async fn connect(
                 format!("connecting to {dial} timed out"),
             )
         })??;
-    stream.set_nodelay(true)?;
+    crate::listen::tune(&stream, hop.tcp_keepalive);
     if !meshed {
         return Ok(HopStream::Plain(stream));
     }
-    let mut stream = match &hop.tls {
-        None => HopStream::Plain(stream),
-        Some(tls) => {
-            let identity =
-                identity.ok_or_else(|| invalid("a meshed endpoint without an identity"))?;
-            let name =
-                trellis_tls::mesh::server_name(identity).map_err(|e| invalid(&e.to_string()))?;
-            let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
-                .connect(name, stream)
-                .await?;
-            HopStream::Tls(Box::new(tls_stream))
-        }
+    let handshake = async {
+        let mut stream = match &hop.tls {
+            None => HopStream::Plain(stream),
+            Some(tls) => {
+                let identity =
+                    identity.ok_or_else(|| invalid("a meshed endpoint without an identity"))?;
+                let name = trellis_tls::mesh::server_name(identity)
+                    .map_err(|e| invalid(&e.to_string()))?;
+                let tls_stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+                    .connect(name, stream)
+                    .await?;
+                HopStream::Tls(Box::new(tls_stream))
+            }
+        };
+        stream.write_all(&preamble(addr.port())).await?;
+        Ok(stream)
     };
-    stream.write_all(&preamble(addr.port())).await?;
-    Ok(stream)
+    tokio::time::timeout(hop.handshake_timeout, handshake)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the mesh handshake with {dial} timed out"),
+            )
+        })?
 }
 
 impl AsyncRead for HopStream {

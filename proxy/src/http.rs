@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::idle::Clock;
 use crate::proxy::Proxy;
 
 use crate::hop::Connector;
@@ -85,7 +86,7 @@ impl Upstream {
 
 /// Serves HTTP/1 and HTTP/2 on an accepted connection until it ends, or until shutdown asks
 /// it to finish its in-flight requests and close.
-pub async fn serve_connection<I, S>(proxy: &Proxy, io: I, service: S)
+pub async fn serve_connection<I, S>(proxy: &Proxy, direction: &'static str, io: I, service: S)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<hyper::body::Incoming>, Response = Response<Body>>
@@ -94,7 +95,6 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
-    let _drain = proxy.drain.clone();
     let limit = proxy.config.args.max_header_bytes;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -107,7 +107,15 @@ where
     builder
         .http2()
         .max_header_list_size(u32::try_from(limit).unwrap_or(u32::MAX))
+        // A peer that stops answering pings is gone, even if its socket is not.
+        .keep_alive_interval(Some(H2_KEEPALIVE_INTERVAL))
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
         .timer(TokioTimer::new());
+    let clock = Clock::default();
+    let service = Busy {
+        inner: service,
+        clock: clock.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -116,9 +124,67 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = clock.idle_for(proxy.config.args.http_idle_timeout) => {
+            proxy.metrics.error(direction, "idle_timeout");
+            conn.as_mut().graceful_shutdown();
+            // Nothing is in flight: a client that does not close within this is dropped.
+            tokio::time::timeout(Duration::from_secs(5), conn)
+                .await
+                .unwrap_or(Ok(()))
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// How often an HTTP/2 client is pinged, and how long its answer may take.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A service whose calls mark the connection busy, for the idle timeout.
+#[derive(Clone)]
+struct Busy<S> {
+    inner: S,
+    clock: Clock,
+}
+
+impl<S, B> hyper::service::Service<Request<B>> for Busy<S>
+where
+    S: hyper::service::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BusyFuture<S::Future>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        BusyFuture {
+            busy: Some(self.clock.begin()),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call in flight; the connection is busy until it resolves.
+    struct BusyFuture<F> {
+        #[pin]
+        inner: F,
+        busy: Option<crate::idle::Busy>,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for BusyFuture<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        this.busy.take();
+        std::task::Poll::Ready(out)
     }
 }
 

@@ -1,9 +1,8 @@
 //! The inbound path: connections to the pod, from other proxies (opened with the mesh
 //! preamble) or redirected by iptables, delivered to the app at the port they were meant for.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use http::HeaderValue;
@@ -19,47 +18,24 @@ use crate::hop;
 use crate::http::{self as h, Body, ORIG_PROTO};
 use crate::metrics::{RequestCache, RequestLabels};
 use crate::proxy::Proxy;
-use crate::tcp;
+use crate::{listen, tcp};
 
 const DIRECTION: &str = "inbound";
 /// The header carrying the client's mesh identity to the app.
 pub const CLIENT_ID: http::HeaderName = http::HeaderName::from_static("trellis-client-id");
 
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = proxy.shutdown.cancelled() => return,
-        };
-        let proxy = proxy.clone();
-        tokio::spawn(async move { connection(proxy, stream).await });
-    }
-}
-
-/// The app port an iptables-redirected connection was meant for.
-fn redirected_port(stream: &TcpStream) -> Option<u16> {
-    let orig = socket2::SockRef::from(stream)
-        .original_dst_v4()
-        .ok()
-        .and_then(|a| a.as_socket())?;
-    let local = stream.local_addr().ok()?;
-    (orig != local).then_some(orig.port())
+/// Accepts inbound connections until shutdown.
+pub async fn serve(proxy: Arc<Proxy>, listeners: Vec<TcpListener>) {
+    let max = proxy.config.args.max_connections;
+    listen::serve(proxy, listeners, DIRECTION, max, connection).await;
 }
 
 async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
-    let _open = proxy.tcp_guard(DIRECTION);
-    let _ = stream.set_nodelay(true);
     let started = Instant::now();
     let timeout = proxy.config.args.detect_timeout;
+    let handshake = proxy.config.args.handshake_timeout;
     let mut buf = BytesMut::new();
-    let redirected = redirected_port(&stream);
+    let redirected = listen::original_dst(&stream).map(|a| a.port());
     let preamble = if redirected.is_some() {
         // Sidecars dial the inbound port itself; a redirected connection is from outside the
         // mesh and has no preamble.
@@ -82,9 +58,16 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     {
         // A peer sidecar's mutual TLS; the preamble and the request follow inside.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-        let mut tls_stream = match acceptor.accept(Prefixed::new(buf, stream)).await {
-            Ok(s) => s,
-            Err(e) => {
+        let accepted =
+            tokio::time::timeout(handshake, acceptor.accept(Prefixed::new(buf, stream))).await;
+        let mut tls_stream = match accepted {
+            Ok(Ok(s)) => s,
+            Err(_) => {
+                tracing::debug!("inbound mutual TLS handshake did not finish in time");
+                proxy.metrics.error(DIRECTION, "handshake_timeout");
+                return;
+            }
+            Ok(Err(e)) => {
                 tracing::info!(error = %e, "inbound mutual TLS handshake failed");
                 proxy.metrics.error(DIRECTION, "tls_handshake");
                 return;
@@ -97,7 +80,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
             .and_then(|c| c.first())
             .and_then(trellis_tls::mesh::identity_of_cert);
         let mut inner = BytesMut::new();
-        match hop::read_preamble(&mut tls_stream, &mut inner, timeout).await {
+        match hop::read_preamble(&mut tls_stream, &mut inner, handshake).await {
             Ok(Some(port)) => {
                 deliver(proxy, tls_stream, inner, port, peer, started).await;
             }
@@ -150,6 +133,17 @@ async fn deliver<I>(
         );
         return;
     }
+    // Only the ports the pod declares: anything else listening in the pod is not for the mesh.
+    if let Some(allowed) = &proxy.config.inbound_ports
+        && !allowed.contains(port)
+    {
+        proxy.metrics.error(DIRECTION, "port_not_allowed");
+        tracing::info!(
+            port,
+            "an inbound connection asks for a port the pod does not declare: closed"
+        );
+        return;
+    }
     let protocol = match detect::detect(&mut io, &mut buf, args.detect_timeout).await {
         Ok(p) => p,
         Err(e) => {
@@ -160,7 +154,7 @@ async fn deliver<I>(
     proxy
         .metrics
         .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
-    let app = SocketAddr::new(args.app_host, port);
+    let app = proxy.hop.app.addr(port);
     let io = Prefixed::new(buf, io);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
@@ -180,7 +174,7 @@ async fn deliver<I>(
                     Ok::<_, std::convert::Infallible>(res)
                 }
             });
-            crate::http::serve_connection(&proxy, io, service).await;
+            crate::http::serve_connection(&proxy, DIRECTION, io, service).await;
         }
         Protocol::Tls | Protocol::Opaque => {
             tcp::forward(&proxy, DIRECTION, io, app, false, None).await

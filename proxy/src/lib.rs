@@ -8,17 +8,21 @@
 //! controller.
 
 pub mod admin;
+pub mod app;
 pub mod balance;
 pub mod config;
 pub mod detect;
 pub mod discovery;
 pub mod hop;
 pub mod http;
+pub mod idle;
 pub mod inbound;
 pub mod init;
+pub mod listen;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod probes;
 pub mod proxy;
 pub mod run;
 pub mod tcp;

@@ -22,48 +22,15 @@ use crate::http::{self as h, Body, ORIG_PROTO};
 use crate::metrics::{DirectionLabels, MirrorLabels, RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::proxy::Proxy;
-use crate::tcp;
+use crate::{listen, tcp};
 use trellis_api::filters::CompiledHeaderModifier;
 
 const DIRECTION: &str = "outbound";
 
-/// Accepts outbound connections until `shutdown` resolves.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    let local = listener.local_addr().ok();
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = proxy.shutdown.cancelled() => return,
-        };
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            connection(proxy, stream, local).await;
-        });
-    }
-}
-
-/// The destination the app meant: the pre-redirect address, unless the app connected to the
-/// outbound port itself (then each request's Host says).
-fn original_dst(stream: &TcpStream, local: Option<SocketAddr>) -> Option<SocketAddr> {
-    let orig = socket2::SockRef::from(stream)
-        .original_dst_v4()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .or_else(|| {
-            socket2::SockRef::from(stream)
-                .original_dst_v6()
-                .ok()
-                .and_then(|a| a.as_socket())
-        })?;
-    let here = stream.local_addr().ok().or(local)?;
-    (orig != here).then_some(orig)
+/// Accepts outbound connections until shutdown.
+pub async fn serve(proxy: Arc<Proxy>, listeners: Vec<TcpListener>) {
+    let max = proxy.config.args.max_connections;
+    listen::serve(proxy, listeners, DIRECTION, max, connection).await;
 }
 
 /// Per-connection state shared by the connection's requests (HTTP/2 streams run concurrently).
@@ -82,10 +49,10 @@ struct ByHost {
     sub: Subscription,
 }
 
-async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<SocketAddr>) {
-    let _open = proxy.tcp_guard(DIRECTION);
-    let _ = stream.set_nodelay(true);
-    let orig_dst = original_dst(&stream, local);
+async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
+    // Not redirected: the app connected to the outbound port itself, and each request's Host
+    // says where it goes.
+    let orig_dst = listen::original_dst(&stream);
     let sub = orig_dst.map(|a| proxy.discovery.subscribe(&DiscoveryTarget::Addr(a)));
 
     let mut buf = BytesMut::new();
@@ -119,7 +86,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<Sock
                 let conn = conn.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&proxy, &conn, req).await) }
             });
-            crate::http::serve_connection(&proxy, io, service).await;
+            crate::http::serve_connection(&proxy, DIRECTION, io, service).await;
         }
         Protocol::Tls | Protocol::Opaque => {
             let Some(dst) = orig_dst else {
@@ -134,6 +101,11 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream, local: Option<Sock
                 None => None,
             };
             let (addr, identity) = tcp_upstream(policy.as_deref(), dst);
+            if proxy.is_own_listener(addr) {
+                proxy.metrics.error(DIRECTION, "self_call");
+                tracing::info!(%addr, "an opaque connection to this sidecar's own listener: closed");
+                return;
+            }
             let meshed = identity.is_some();
             tcp::forward(&proxy, DIRECTION, io, addr, meshed, identity.as_ref()).await;
         }
@@ -739,6 +711,14 @@ async fn forward_unrouted(
             }
         }
     };
+    if proxy.is_own_listener(addr) {
+        proxy.metrics.error(DIRECTION, "self_call");
+        return h::local(
+            StatusCode::BAD_REQUEST,
+            "the request's destination is this sidecar's own listener",
+            grpc,
+        );
+    }
     // The connector finds the identity to verify in the registry: keep it there meanwhile.
     let _known = identity.map(|id| proxy.endpoints.get(addr, Some(id), None));
     let http2 = req.version() == Version::HTTP_2;

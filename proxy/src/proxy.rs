@@ -29,6 +29,30 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Whether `addr` is one of this sidecar's own listeners: a request sent there would come
+    /// back to the sidecar, which would send it there again, without end.
+    pub fn is_own_listener(&self, addr: std::net::SocketAddr) -> bool {
+        let args = &self.config.args;
+        let ip = addr.ip();
+        // Connecting to 0.0.0.0 reaches the host itself.
+        let local = ip.is_unspecified() || Some(ip) == args.pod_ip || ip == self.hop.app.host;
+        [args.outbound_addr, args.inbound_addr, args.admin_addr]
+            .iter()
+            .filter(|l| l.port() == addr.port())
+            .any(|l| {
+                let bound = l.ip();
+                ip == bound
+                    || local
+                    // Listeners on a wildcard or the loopback address have a twin of the other
+                    // family (see `listen::bind`).
+                    || (bound.is_unspecified() && ip.is_loopback())
+                    || (bound.is_loopback()
+                        && ip.is_loopback()
+                        && crate::listen::is_canonical_loopback(bound)
+                        && crate::listen::is_canonical_loopback(ip))
+            })
+    }
+
     /// Counts an accepted connection while the guard lives.
     pub fn tcp_guard(&self, direction: &'static str) -> OpenConnection {
         let labels = DirectionLabels { direction };

@@ -17,6 +17,7 @@ use crate::discovery::{Discovery, DiscoveryConfig};
 use crate::hop::{Connector, Hop};
 use crate::http::Upstream;
 use crate::metrics::Metrics;
+use crate::probes::AppHealth;
 use crate::proxy::{Drain, Proxy, Shutdown};
 use crate::{inbound, outbound};
 use trellis_api::Identity;
@@ -64,16 +65,14 @@ pub fn main(args: Args) -> ExitCode {
     }
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for {what}"))
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<Vec<TcpListener>> {
+    crate::listen::bind(addr).with_context(|| format!("cannot listen on {addr} for {what}"))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let outbound_listener = bind(config.args.outbound_addr, "outbound traffic").await?;
-    let inbound_listener = bind(config.args.inbound_addr, "inbound traffic").await?;
-    let admin_listener = bind(config.args.admin_addr, "the admin server").await?;
+    let outbound_listeners = bind(config.args.outbound_addr, "outbound traffic")?;
+    let inbound_listeners = bind(config.args.inbound_addr, "inbound traffic")?;
+    let admin_listeners = bind(config.args.admin_addr, "the admin server")?;
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -126,8 +125,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let app_health = Arc::new(AppHealth::new(
+        config.app_probes.clone(),
+        crate::app::App::new(&config.args),
+        config.args.app_probe_timeout,
+        &mut registry,
+    ));
+    let credentials = tls.as_ref().map(|t| t.credentials.clone());
     let hop = Hop {
         peer_inbound_port: config.args.peer_inbound_port,
+        app: crate::app::App::new(&config.args),
+        handshake_timeout: config.args.handshake_timeout,
+        tcp_keepalive: config.args.tcp_keepalive,
         tls,
     };
     let upstream = Upstream::new(
@@ -156,16 +165,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
         registry: Arc::new(registry),
         ready: ready.clone(),
         discovery,
+        credentials,
+        app_health,
+        config_public: proxy.config.args.admin_config_public,
     };
-    let admin_shutdown = shutdown.clone();
-    let admin = tokio::spawn(async move {
-        admin::serve(admin_listener, admin_state, async move {
-            admin_shutdown.cancelled().await
-        })
-        .await
-    });
-    let outbound_task = tokio::spawn(outbound::serve(proxy.clone(), outbound_listener));
-    let inbound_task = tokio::spawn(inbound::serve(proxy.clone(), inbound_listener));
+    let mut admin = tokio::task::JoinSet::new();
+    for listener in admin_listeners {
+        let (state, admin_shutdown) = (admin_state.clone(), shutdown.clone());
+        admin.spawn(async move {
+            admin::serve(
+                listener,
+                state,
+                async move { admin_shutdown.cancelled().await },
+            )
+            .await
+        });
+    }
+    let outbound_task = tokio::spawn(outbound::serve(proxy.clone(), outbound_listeners));
+    let inbound_task = tokio::spawn(inbound::serve(proxy.clone(), inbound_listeners));
     for (what, addr) in [
         ("outbound", proxy.config.args.outbound_addr),
         ("inbound", proxy.config.args.inbound_addr),
@@ -197,7 +214,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("in-flight requests did not finish within the grace period");
     }
-    let _ = admin.await;
+    while admin.join_next().await.is_some() {}
     Ok(())
 }
 
