@@ -1,13 +1,15 @@
-//! Running iptables: choosing the backend and installing a [`Plan`] idempotently.
+//! Running iptables: choosing the backend and applying each family's [`Table`]s with one
+//! `iptables-restore --noflush` / `ip6tables-restore --noflush` process.
 
 use std::ffi::OsString;
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use super::InitError;
-use super::rules::{INBOUND_CHAIN, OUTPUT_CHAIN, Plan, TABLE};
+use super::restore;
+use super::rules::{Family, Table};
 
 /// Which iptables backend to program (`--iptables-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -163,7 +165,13 @@ pub struct Outcome {
 
 /// Runs programs; a trait so the install sequence can be tested without root.
 pub trait Runner {
-    fn run(&mut self, program: &Path, args: &[String]) -> Result<Outcome, InitError>;
+    /// Runs `program` with `args`, writing `input` to its standard input when given.
+    fn run(
+        &mut self,
+        program: &Path,
+        args: &[String],
+        input: Option<&str>,
+    ) -> Result<Outcome, InitError>;
 }
 
 /// Runs real processes.
@@ -171,9 +179,14 @@ pub trait Runner {
 pub struct System;
 
 impl Runner for System {
-    fn run(&mut self, program: &Path, args: &[String]) -> Result<Outcome, InitError> {
+    fn run(
+        &mut self,
+        program: &Path,
+        args: &[String],
+        input: Option<&str>,
+    ) -> Result<Outcome, InitError> {
         let command = display_command(program, args);
-        let output = Command::new(program).args(args).output().map_err(|e| {
+        let spawn_error = |e: io::Error| {
             if e.kind() == io::ErrorKind::NotFound {
                 InitError::IptablesMissing
             } else {
@@ -182,7 +195,23 @@ impl Runner for System {
                     source: e,
                 }
             }
-        })?;
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn_error)?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            // A program that exits early closes the pipe; its status and stderr say why.
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
         let outcome = Outcome {
             success: output.status.success(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -219,7 +248,28 @@ fn display_command(program: &Path, args: &[String]) -> String {
 /// Finds the installed iptables programs on `path` (the `PATH` value) and, when only plain
 /// `iptables` exists, asks it which backend it drives.
 pub fn discover(path: Option<OsString>, runner: &mut dyn Runner) -> Result<Installed, InitError> {
-    let dirs: Vec<PathBuf> = match path {
+    let dirs = search_dirs(path);
+    let find = |name: &str| find_on(&dirs, name);
+    let mut installed = Installed {
+        nft: find("iptables-nft"),
+        nft_save: find("iptables-nft-save"),
+        legacy: find("iptables-legacy"),
+        legacy_save: find("iptables-legacy-save"),
+        plain: None,
+    };
+    if (installed.nft.is_none() || installed.legacy.is_none())
+        && let Some(plain) = find("iptables")
+    {
+        let out = runner.run(&plain, &["--version".to_string()], None)?;
+        let kind = kind_from_version(&format!("{}{}", out.stdout, out.stderr));
+        installed.plain = Some((plain, kind));
+    }
+    Ok(installed)
+}
+
+/// The directories of `path` (the `PATH` value).
+pub fn search_dirs(path: Option<OsString>) -> Vec<PathBuf> {
+    match path {
         Some(p) if !p.is_empty() => std::env::split_paths(&p).collect(),
         // A container started without PATH still has the usual places.
         _ => [
@@ -233,30 +283,52 @@ pub fn discover(path: Option<OsString>, runner: &mut dyn Runner) -> Result<Insta
         .iter()
         .map(PathBuf::from)
         .collect(),
-    };
-    let find = |name: &str| dirs.iter().map(|d| d.join(name)).find(|p| p.is_file());
-    let mut installed = Installed {
-        nft: find("iptables-nft"),
-        nft_save: find("iptables-nft-save"),
-        legacy: find("iptables-legacy"),
-        legacy_save: find("iptables-legacy-save"),
-        plain: None,
-    };
-    if (installed.nft.is_none() || installed.legacy.is_none())
-        && let Some(plain) = find("iptables")
-    {
-        let out = runner.run(&plain, &["--version".to_string()])?;
-        let kind = kind_from_version(&format!("{}{}", out.stdout, out.stderr));
-        installed.plain = Some((plain, kind));
     }
-    Ok(installed)
+}
+
+fn find_on(dirs: &[PathBuf], name: &str) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// The restore and save programs of one family for the chosen backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FamilyTools {
+    pub family: Family,
+    pub restore: PathBuf,
+    pub save: PathBuf,
+}
+
+/// Finds the family's `-restore` and `-save` programs of the backend `program` belongs to:
+/// `iptables-nft` gives `ip6tables-nft-restore`, plain `iptables` gives `ip6tables-restore`.
+/// Looks beside `program` first, then on `dirs`; `Err` names the first one missing.
+pub fn family_tools(
+    program: &Path,
+    family: Family,
+    dirs: &[PathBuf],
+) -> Result<FamilyTools, String> {
+    let name = program_name(program);
+    let variant = name.strip_prefix("iptables").unwrap_or("");
+    let find = |what: &str| -> Result<PathBuf, String> {
+        let wanted = format!("{}{variant}-{what}", family.program());
+        program
+            .parent()
+            .map(|dir| dir.join(&wanted))
+            .filter(|p| p.is_file())
+            .or_else(|| find_on(dirs, &wanted))
+            .ok_or(wanted)
+    };
+    Ok(FamilyTools {
+        family,
+        restore: find("restore")?,
+        save: find("save")?,
+    })
 }
 
 /// Lists each variant's rules with its `-save` program (auto mode with both installed).
 pub fn count_both(installed: &Installed, runner: &mut dyn Runner) -> Result<RuleCounts, InitError> {
     let mut count = |save: &Option<PathBuf>| -> Result<usize, InitError> {
         let Some(save) = save else { return Ok(0) };
-        let out = runner.run(save, &[])?;
+        let out = runner.run(save, &[], None)?;
         // A kernel without one of the interfaces fails to list it: it holds no rules then.
         Ok(if out.success {
             count_rules(&out.stdout)
@@ -270,80 +342,83 @@ pub fn count_both(installed: &Installed, runner: &mut dyn Runner) -> Result<Rule
     })
 }
 
-/// Installs `plan` through `program`: creates or flushes the owned chains, appends their
-/// rules and adds each jump only when `-C` does not find it, so any number of runs leave one
-/// set of rules and rules of others stay untouched.
-pub fn install(plan: &Plan, program: &Path, runner: &mut dyn Runner) -> Result<(), InitError> {
-    // Wait for the x_tables lock instead of failing when another writer holds it.
-    let base = |op: &str, chain: &str| -> Vec<String> {
-        ["-w", "5", "-t", TABLE, op, chain]
-            .iter()
-            .map(|s| (*s).to_string())
-            .collect()
-    };
-    let must = |args: Vec<String>, runner: &mut dyn Runner| -> Result<Outcome, InitError> {
-        let out = runner.run(program, &args)?;
+/// The current listing of `tables` (the part [`restore::input`] compares the jumps with).
+fn listing(
+    tables: &[Table],
+    tools: &FamilyTools,
+    runner: &mut dyn Runner,
+) -> Result<String, InitError> {
+    let mut save = String::new();
+    for table in tables {
+        let args = ["-t".to_string(), table.name.to_string()];
+        let out = runner.run(&tools.save, &args, None)?;
+        // A table the kernel cannot list holds nothing yet; if it cannot be written either,
+        // the restore below fails and says why.
         if out.success {
-            Ok(out)
-        } else {
-            Err(InitError::Iptables {
-                command: display_command(program, &args),
-                stderr: out.stderr,
-            })
-        }
-    };
-
-    for chain in &plan.chains {
-        let created = runner.run(program, &base("-N", chain))?;
-        if !created.success {
-            if !created.stderr.contains("already exists") {
-                return Err(InitError::Iptables {
-                    command: display_command(program, &base("-N", chain)),
-                    stderr: created.stderr,
-                });
-            }
-            must(base("-F", chain), runner)?;
+            save.push_str(&out.stdout);
         }
     }
-    for rule in &plan.rules {
-        let mut args = base("-A", rule.chain);
-        args.extend(rule.spec.iter().cloned());
-        must(args, runner)?;
-    }
-    for jump in &plan.jumps {
-        let mut check = base("-C", jump.chain);
-        check.extend(jump.spec.iter().cloned());
-        if !runner.run(program, &check)?.success {
-            let mut add = base("-A", jump.chain);
-            add.extend(jump.spec.iter().cloned());
-            must(add, runner)?;
-        }
-    }
-    Ok(())
+    Ok(save)
 }
 
-/// The `nat` table's rules that mention Trellis' chains, as `iptables -S` prints them.
-pub fn installed_rules(program: &Path, runner: &mut dyn Runner) -> Result<String, InitError> {
-    let args: Vec<String> = ["-w", "5", "-t", TABLE, "-S"]
+/// Applies `tables` of one family in one `-restore --noflush` run: owned chains created or
+/// flushed and refilled, each jump from a built-in chain left exactly once, everything else in
+/// the tables untouched. Any number of runs leave one set of rules.
+pub fn apply(
+    tables: &[Table],
+    tools: &FamilyTools,
+    runner: &mut dyn Runner,
+) -> Result<(), InitError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let input = restore::input(tables, &listing(tables, tools, runner)?);
+    // Wait for the x_tables lock instead of failing when another writer holds it.
+    let args: Vec<String> = ["-w", "5", "--noflush"]
         .iter()
         .map(|s| (*s).to_string())
         .collect();
-    let out = runner.run(program, &args)?;
-    if !out.success {
-        return Err(InitError::Iptables {
-            command: display_command(program, &args),
-            stderr: out.stderr,
-        });
+    let out = runner.run(&tools.restore, &args, Some(&input))?;
+    if out.success {
+        return Ok(());
     }
-    Ok(out
-        .stdout
+    let numbered: String = input
         .lines()
-        .filter(|l| l.contains(INBOUND_CHAIN) || l.contains(OUTPUT_CHAIN))
-        .fold(String::new(), |mut s, l| {
-            s.push_str(l);
-            s.push('\n');
-            s
-        }))
+        .enumerate()
+        .map(|(i, l)| format!("{:>3} {l}\n", i + 1))
+        .collect();
+    Err(InitError::Iptables {
+        command: display_command(&tools.restore, &args),
+        stderr: format!("{}\nits input was:\n{numbered}", out.stderr),
+    })
+}
+
+/// The rules of `tables` that mention Trellis' chains, as the family's save program lists
+/// them, each table under its `*name` line.
+pub fn installed_rules(
+    tables: &[Table],
+    tools: &FamilyTools,
+    runner: &mut dyn Runner,
+) -> Result<String, InitError> {
+    let mut text = String::new();
+    for table in tables {
+        let args = ["-t".to_string(), table.name.to_string()];
+        let out = runner.run(&tools.save, &args, None)?;
+        if !out.success {
+            return Err(InitError::Iptables {
+                command: display_command(&tools.save, &args),
+                stderr: out.stderr,
+            });
+        }
+        text.push_str(&format!("*{}\n", table.name));
+        for line in out.stdout.lines() {
+            if line.starts_with("-A ") && line.contains("TRELLIS_") {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! `invalid value '80,8o' for '--skip-outbound-ports <PORTS>': '8o' is not a port number`.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// One port or an inclusive range of ports, as written `8080` or `8000-8100`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,22 +43,26 @@ impl fmt::Display for PortRange {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortList(pub Vec<PortRange>);
 
-/// An IPv4 network in CIDR notation; a bare address means `/32`.
+/// An IPv4 or IPv6 network in CIDR notation; a bare address means `/32` or `/128`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ipv4Cidr {
-    pub addr: Ipv4Addr,
+pub struct Cidr {
+    pub addr: IpAddr,
     pub prefix: u8,
 }
 
-impl fmt::Display for Ipv4Cidr {
+impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 
-/// A comma-separated list of IPv4 networks; empty means none.
+/// A comma-separated list of networks of either family; empty means none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Ipv4Cidr>);
+pub struct CidrList(pub Vec<Cidr>);
+
+/// A comma-separated list of the pod's own addresses (`status.podIPs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpList(pub Vec<IpAddr>);
 
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
@@ -113,9 +117,9 @@ pub fn parse_port_list(s: &str) -> Result<PortList, String> {
         .map(PortList)
 }
 
-/// Parses `10.0.0.0/8` or `10.1.2.3` (= `/32`). Host bits must be zero, so a typo such as
-/// `10.0.0.1/8` is caught instead of silently widened.
-pub fn parse_ipv4_cidr(s: &str) -> Result<Ipv4Cidr, String> {
+/// Parses `10.0.0.0/8`, `10.1.2.3` (= `/32`), `fd00::/8` or `fd00::1` (= `/128`). Host bits
+/// must be zero, so a typo such as `10.0.0.1/8` is caught instead of silently widened.
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
     let s = s.trim();
     if s.is_empty() {
         return Err("empty network".to_string());
@@ -124,41 +128,56 @@ pub fn parse_ipv4_cidr(s: &str) -> Result<Ipv4Cidr, String> {
         Some((addr, prefix)) => (addr.trim(), Some(prefix.trim())),
         None => (s, None),
     };
-    if addr.contains(':') {
-        return Err(format!(
-            "'{s}' is an IPv6 network; trellis-proxy init programs IPv4 only"
-        ));
-    }
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("'{addr}' is not an IPv4 address"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| {
+        if addr.contains(':') {
+            format!("'{addr}' is not an IPv6 address")
+        } else {
+            format!("'{addr}' is not an IPv4 address")
+        }
+    })?;
+    let max: u8 = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
-        None => 32,
+        None => max,
         Some(p) => match p.parse::<u8>() {
-            Ok(p) if p <= 32 => p,
-            _ => return Err(format!("'/{p}' is not a prefix length (use /0 to /32)")),
+            Ok(p) if p <= max => p,
+            _ => return Err(format!("'/{p}' is not a prefix length (use /0 to /{max})")),
         },
     };
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
     };
-    let network = Ipv4Addr::from(u32::from(addr) & mask);
     if network != addr {
         return Err(format!(
             "'{s}' has host bits set (did you mean {network}/{prefix}?)"
         ));
     }
-    Ok(Ipv4Cidr { addr, prefix })
+    Ok(Cidr { addr, prefix })
 }
 
-/// Parses `10.0.0.0/8, 192.168.1.10`; an empty or blank value is the empty list.
+/// Parses `10.0.0.0/8, 192.168.1.10, fd00::/8`; an empty or blank value is the empty list.
 pub fn parse_cidr_list(s: &str) -> Result<CidrList, String> {
     split_list(s)
-        .map(parse_ipv4_cidr)
+        .map(parse_cidr)
         .collect::<Result<_, _>>()
         .map(CidrList)
+}
+
+/// Parses `10.1.2.3,fd00::3` (what the downward API gives for `status.podIPs`).
+pub fn parse_ip_list(s: &str) -> Result<IpList, String> {
+    split_list(s)
+        .map(|e| {
+            e.parse::<IpAddr>()
+                .map_err(|_| format!("'{e}' is not an IP address"))
+        })
+        .collect::<Result<_, _>>()
+        .map(IpList)
 }
 
 /// Splits on commas and drops blank elements, so `80,` and ` 80 , 443 ` both work.
@@ -221,20 +240,27 @@ mod tests {
 
     #[test]
     fn cidr_lists() {
-        let c = |a: [u8; 4], prefix| Ipv4Cidr {
-            addr: Ipv4Addr::from(a),
+        let c = |a: &str, prefix| Cidr {
+            addr: a.parse().unwrap(),
             prefix,
         };
-        let ok: &[(&str, &[Ipv4Cidr])] = &[
+        let ok: &[(&str, &[Cidr])] = &[
             ("", &[]),
-            ("10.0.0.0/8", &[c([10, 0, 0, 0], 8)]),
+            ("10.0.0.0/8", &[c("10.0.0.0", 8)]),
             (
                 "10.0.0.0/8, 192.168.1.10",
-                &[c([10, 0, 0, 0], 8), c([192, 168, 1, 10], 32)],
+                &[c("10.0.0.0", 8), c("192.168.1.10", 32)],
             ),
-            (" 169.254.169.254/32 ,", &[c([169, 254, 169, 254], 32)]),
-            ("0.0.0.0/0", &[c([0, 0, 0, 0], 0)]),
-            ("10.0.0.0 / 16", &[c([10, 0, 0, 0], 16)]),
+            (" 169.254.169.254/32 ,", &[c("169.254.169.254", 32)]),
+            ("0.0.0.0/0", &[c("0.0.0.0", 0)]),
+            ("10.0.0.0 / 16", &[c("10.0.0.0", 16)]),
+            ("fd00::/8", &[c("fd00::", 8)]),
+            ("fd00::1", &[c("fd00::1", 128)]),
+            ("::/0", &[c("::", 0)]),
+            (
+                "10.0.0.0/8,fd12:3456::/32",
+                &[c("10.0.0.0", 8), c("fd12:3456::", 32)],
+            ),
         ];
         for (input, want) in ok {
             assert_eq!(
@@ -245,16 +271,38 @@ mod tests {
         }
         let bad = [
             ("10.0.0.1/8", "host bits set (did you mean 10.0.0.0/8?)"),
-            ("10.0.0.0/33", "'/33' is not a prefix length"),
+            (
+                "10.0.0.0/33",
+                "'/33' is not a prefix length (use /0 to /32)",
+            ),
             ("10.0.0.0/x", "'/x' is not a prefix length"),
             ("10.0.0/8", "'10.0.0' is not an IPv4 address"),
             ("example.com", "'example.com' is not an IPv4 address"),
-            ("fd00::/8", "IPv6"),
+            ("fd00::1/8", "host bits set (did you mean fd00::/8?)"),
+            (
+                "fd00::/129",
+                "'/129' is not a prefix length (use /0 to /128)",
+            ),
+            ("fd00:::1", "'fd00:::1' is not an IPv6 address"),
             ("10.0.0.0/8,300.1.1.1", "'300.1.1.1' is not an IPv4 address"),
         ];
         for (input, want) in bad {
             let err = parse_cidr_list(input).expect_err(input);
             assert!(err.contains(want), "{input:?}: {err}");
         }
+    }
+
+    #[test]
+    fn ip_lists() {
+        assert_eq!(parse_ip_list(""), Ok(IpList::default()));
+        assert_eq!(
+            parse_ip_list("10.1.2.3, fd00::3"),
+            Ok(IpList(vec![
+                "10.1.2.3".parse().unwrap(),
+                "fd00::3".parse().unwrap()
+            ]))
+        );
+        let err = parse_ip_list("10.1.2.3,pod").unwrap_err();
+        assert!(err.contains("'pod' is not an IP address"), "{err}");
     }
 }
