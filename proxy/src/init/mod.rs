@@ -76,7 +76,8 @@ pub fn ipv6_action(
     if !kernel_has_ipv6 {
         return match mode {
             Ipv6Mode::On => Err(InitError::Invalid(
-                "--ipv6 on, but the kernel has no IPv6 (no /proc/net/if_inet6);                  use --ipv6 auto or off"
+                "--ipv6 on, but the kernel has no IPv6 (no /proc/net/if_inet6); \
+                 use --ipv6 auto or off"
                     .to_string(),
             )),
             _ => Ok((
@@ -89,7 +90,8 @@ pub fn ipv6_action(
         (Ipv6Mode::On, _) => (Ipv6Action::Redirect, "--ipv6 on".to_string()),
         (Ipv6Mode::Off, Some(true)) => {
             return Err(InitError::Invalid(
-                "--ipv6 off, but --pod-ips lists an IPv6 address: dropping IPv6 would cut                  the pod off on it; use --ipv6 auto or on"
+                "--ipv6 off, but --pod-ips lists an IPv6 address: dropping IPv6 would cut \
+                 the pod off on it; use --ipv6 auto or on"
                     .to_string(),
             ));
         }
