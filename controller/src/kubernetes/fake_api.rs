@@ -2,7 +2,13 @@
 //! mode tests. Several tasks (five watchers, the status writer, the Lease) talk at once, so
 //! requests are answered by rules rather than in a fixed order: the first rule whose method,
 //! path and list/watch kind match, and that still has a reply, answers. A request no rule
-//! answers is held open, as a watch with no news would be. Every request is recorded.
+//! answers is held open, as a watch with no news would be. Every request is recorded, with the
+//! (Tokio) time it arrived, so tests on a paused clock can check how often a client retries.
+//!
+//! Errors are worded as kube-apiserver words them, because the client reads them differently:
+//! a missing object is a `Status` document ([`not_found`]), a resource the server does not
+//! serve at all (a CRD not installed) is a `text/plain` "404 page not found"
+//! ([`no_such_resource`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,7 @@ pub struct Seen {
     pub query: String,
     pub content_type: Option<String>,
     pub body: Value,
+    pub at: tokio::time::Instant,
 }
 
 impl Seen {
@@ -37,6 +44,8 @@ impl Seen {
 #[derive(Clone, Debug)]
 pub enum Reply {
     Json(StatusCode, Value),
+    /// A `text/plain` answer, as the API server's mux gives for paths it does not serve.
+    Text(StatusCode, &'static str),
     /// A watch response: the events, one JSON document a line, then the end of the stream.
     Events(Vec<Value>),
 }
@@ -88,6 +97,7 @@ impl FakeApi {
                     } else {
                         serde_json::from_slice(&bytes).unwrap()
                     },
+                    at: tokio::time::Instant::now(),
                 };
                 let mut state = server_state.lock().unwrap();
                 let watch = seen.is_watch();
@@ -214,6 +224,14 @@ impl FakeApi {
 fn response(reply: Reply) -> Response<Body> {
     let (status, bytes) = match reply {
         Reply::Json(status, value) => (status, serde_json::to_vec(&value).unwrap()),
+        Reply::Text(status, text) => {
+            return Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .header("x-content-type-options", "nosniff")
+                .body(Body::from(text.as_bytes().to_vec()))
+                .unwrap();
+        }
         Reply::Events(events) => {
             let mut bytes = Vec::new();
             for e in events {
@@ -245,12 +263,27 @@ pub fn failure(code: u16, reason: &str, message: &str) -> Reply {
     )
 }
 
-/// The 404 the API server gives for a resource it does not serve (a CRD not installed).
+/// The 404 the API server gives for a resource it does not serve (a CRD not installed): not a
+/// Status, the plain text of its HTTP mux.
 pub fn no_such_resource() -> Reply {
-    failure(
-        404,
-        "NotFound",
-        "the server could not find the requested resource",
+    Reply::Text(StatusCode::NOT_FOUND, "404 page not found\n")
+}
+
+/// The 404 for an object that does not exist, in a resource that is served: a Status.
+/// `resource` is as the API names it (`leases`), `group` empty for the core group.
+pub fn not_found(resource: &str, group: &str, name: &str) -> Reply {
+    let qualified = if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    };
+    Reply::Json(
+        StatusCode::NOT_FOUND,
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{qualified} \"{name}\" not found"), "reason": "NotFound",
+            "details": {"name": name, "group": group, "kind": resource}, "code": 404
+        }),
     )
 }
 

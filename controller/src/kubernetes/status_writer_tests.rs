@@ -330,10 +330,10 @@ async fn kubernetes_mode_publishes_the_index_and_writes_status_while_it_holds_th
     api.answers(
         Method::GET,
         &lease_path,
-        vec![failure(
-            404,
-            "NotFound",
-            "leases.coordination.k8s.io \"trellis-controller\" not found",
+        vec![not_found(
+            "leases",
+            "coordination.k8s.io",
+            "trellis-controller",
         )],
     );
     api.answers(

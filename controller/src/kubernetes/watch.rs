@@ -5,8 +5,8 @@
 //! A watcher lists, then watches from the list's resourceVersion; when the API server answers
 //! 410 Gone (the version left its watch window) the watcher lists again, and the store swaps in
 //! the new list whole at its end, so objects deleted during the gap disappear and nothing is
-//! half-updated in between. Other errors back off (kube's default: 0.8 s doubling to 30 s) and
-//! resume.
+//! half-updated in between. Every error backs off ([`Backoff`]: 0.8 s doubling to 30 s, reset by
+//! progress) and the watch resumes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,8 +19,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::utils::Backoff;
-use kube::runtime::watcher::{self, DefaultBackoff};
+use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, watcher as watch_kind};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
@@ -121,43 +120,53 @@ impl Progress {
 /// How watchers wait after an error.
 #[derive(Clone, Copy, Debug, Default)]
 pub enum BackoffPolicy {
-    /// kube's default: 0.8 s doubling to 30 s, with jitter.
+    /// 0.8 s doubling to 30 s, each pause shortened by up to a tenth at random so that
+    /// replicas do not retry in step.
     #[default]
     Default,
     /// A fixed pause (tests).
     Fixed(Duration),
 }
 
-/// A [`BackoffPolicy`] in use by one watcher.
-enum WatchBackoff {
-    Default(Box<DefaultBackoff>),
-    Fixed(Duration),
+/// The first pause after an error, and the longest.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(800);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// One watcher's backoff: it grows with every error and goes back to the start only when the
+/// watch makes progress (a list page, an object, a watch event).
+///
+/// kube's own backoff stream cannot be used: it resets on every item the watcher yields, and
+/// the watcher yields `Init` before each list attempt, so a list that keeps failing (403, a
+/// down API server) would be retried every second forever.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    policy: BackoffPolicy,
+    failures: u32,
 }
 
-impl Iterator for WatchBackoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        match self {
-            WatchBackoff::Default(b) => b.next(),
-            WatchBackoff::Fixed(d) => Some(*d),
+impl Backoff {
+    pub fn new(policy: BackoffPolicy) -> Self {
+        Backoff {
+            policy,
+            failures: 0,
         }
     }
-}
 
-impl Backoff for WatchBackoff {
-    fn reset(&mut self) {
-        if let WatchBackoff::Default(b) = self {
-            b.reset();
+    /// The pause after one more error; `jitter` in `[0, 1)` shortens it by up to a tenth.
+    pub fn failed(&mut self, jitter: f64) -> Duration {
+        if let BackoffPolicy::Fixed(d) = self.policy {
+            return d;
         }
+        let doubled = BACKOFF_MIN.saturating_mul(1 << self.failures.min(16));
+        self.failures = self.failures.saturating_add(1);
+        doubled
+            .min(BACKOFF_MAX)
+            .mul_f64(1.0 - jitter.clamp(0.0, 1.0) / 10.0)
     }
-}
 
-impl BackoffPolicy {
-    fn start(self) -> WatchBackoff {
-        match self {
-            BackoffPolicy::Default => WatchBackoff::Default(Box::default()),
-            BackoffPolicy::Fixed(d) => WatchBackoff::Fixed(d),
-        }
+    /// The watch made progress: the next error starts again from the shortest pause.
+    pub fn progressed(&mut self) {
+        self.failures = 0;
     }
 }
 
@@ -259,7 +268,7 @@ pub fn start(
     let c = || client.clone();
     let s = || stop.clone();
     let p = || progress.clone();
-    let b = || backoff.start();
+    let b = || Backoff::new(backoff);
     let api = Api::<Service>::all(c());
     tasks.spawn(run(
         api,
@@ -312,14 +321,13 @@ async fn run<K>(
     writer: reflector::store::Writer<K>,
     strip: fn(&mut K),
     progress: Arc<watch::Sender<Progress>>,
-    backoff: WatchBackoff,
+    mut backoff: Backoff,
     mut stop: watch::Receiver<bool>,
 ) where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + fmt::Debug + Send + Sync + 'static,
 {
     let events = watch_kind(api, watcher::Config::default())
         .modify(strip)
-        .backoff(backoff)
         .reflect(writer);
     let mut events = std::pin::pin!(events);
     loop {
@@ -331,6 +339,7 @@ async fn run<K>(
             // A watcher's stream never ends.
             None => return,
             Some(Ok(watcher::Event::InitDone)) => {
+                backoff.progressed();
                 progress.send_modify(|p| {
                     if p.get(kind) == StoreState::Missing {
                         tracing::info!("{kind} are served by the API now; routes are read again");
@@ -340,29 +349,69 @@ async fn run<K>(
                 tracing::debug!("{kind} listed");
             }
             Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+                backoff.progressed();
                 progress.send_modify(|_| {});
             }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Err(e)) => report(kind, &e, &progress),
+            Some(Ok(watcher::Event::InitApply(_))) => backoff.progressed(),
+            // Emitted before every list attempt, successful or not: no sign of progress.
+            Some(Ok(watcher::Event::Init)) => {}
+            Some(Err(e)) => {
+                report(kind, &e, &progress);
+                let pause = backoff.failed(fastrand::f64());
+                tracing::debug!("{kind}: retrying in {pause:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
         }
     }
 }
 
-/// Logs a watch error (the watcher retries by itself) and notes a missing route CRD.
-fn report(kind: Kind, e: &watcher::Error, progress: &watch::Sender<Progress>) {
+/// What a watch error means for the controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Diagnosis {
+    /// The API server does not serve this route kind: its CRD is not installed.
+    Missing,
+    /// RBAC does not allow the list or watch.
+    Forbidden,
+    /// The watch left the API server's history window; the watcher lists again.
+    Gone,
+    /// Anything else: retried with backoff.
+    Other,
+}
+
+/// Reads a watch error. A kind the API server does not serve is answered `404` with a
+/// `text/plain` body ("404 page not found"), not a Status; kube's client turns that into a
+/// Status whose reason is "Failed to parse error data", so the HTTP code is what counts.
+pub fn diagnose(kind: Kind, e: &watcher::Error) -> Diagnosis {
     let status = match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))
         | watcher::Error::WatchFailed(kube::Error::Api(s))
-        | watcher::Error::WatchError(s) => Some(s.as_ref()),
-        _ => None,
+        | watcher::Error::WatchError(s) => s.as_ref(),
+        _ => return Diagnosis::Other,
     };
     let listing = matches!(
         e,
         watcher::Error::InitialListFailed(_) | watcher::Error::WatchStartFailed(_)
     );
-    match status {
-        Some(s) if kind.is_route() && listing && s.is_not_found() => {
+    if kind.is_route() && listing && (status.code == 404 || status.is_not_found()) {
+        Diagnosis::Missing
+    } else if status.code == 403 || status.is_forbidden() {
+        Diagnosis::Forbidden
+    } else if status.code == 410 {
+        Diagnosis::Gone
+    } else {
+        Diagnosis::Other
+    }
+}
+
+/// Logs a watch error (the caller backs off and the watcher retries) and notes a missing
+/// route CRD.
+fn report(kind: Kind, e: &watcher::Error, progress: &watch::Sender<Progress>) {
+    match diagnose(kind, e) {
+        Diagnosis::Missing => {
             if progress.send_if_modified(|p| p.set(kind, StoreState::Missing)) {
                 tracing::warn!(
                     "Gateway API CRDs not installed; routes ignored until they are (the API \
@@ -373,15 +422,15 @@ fn report(kind: Kind, e: &watcher::Error, progress: &watch::Sender<Progress>) {
                 tracing::debug!("{kind} still not served by the API: {e}");
             }
         }
-        Some(s) if s.is_forbidden() => tracing::error!(
+        Diagnosis::Forbidden => tracing::error!(
             "cannot list or watch {kind}: forbidden; the controller's ServiceAccount needs list \
              and watch on {} (retrying): {e}",
             kind.resource()
         ),
-        Some(s) if s.code == 410 => {
+        Diagnosis::Gone => {
             tracing::info!("{kind} watch expired (410 Gone); listing them again");
         }
-        _ => tracing::warn!("watching {kind} failed, retrying with backoff: {e}"),
+        Diagnosis::Other => tracing::warn!("watching {kind} failed, retrying with backoff: {e}"),
     }
 }
 

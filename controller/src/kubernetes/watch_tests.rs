@@ -11,8 +11,13 @@ use tokio::task::JoinSet;
 use trellis_api::discovery::Target;
 use trellis_api::policy::{BackendTarget, OutboundPolicy, Routing};
 
+use kube::runtime::watcher;
+
 use super::fake_api::*;
-use super::watch::{self, BackoffPolicy, Kind, StoreState, Stores};
+use super::watch::{
+    self, BACKOFF_MAX, BACKOFF_MIN, Backoff, BackoffPolicy, Diagnosis, Kind, StoreState, Stores,
+    diagnose,
+};
 use crate::index::{Config, Index};
 
 pub const SERVICES: &str = "/api/v1/services";
@@ -101,14 +106,13 @@ pub struct Watching {
 }
 
 pub fn start(client: &kube::Client) -> Watching {
+    start_with(client, BackoffPolicy::Fixed(Duration::from_millis(20)))
+}
+
+pub fn start_with(client: &kube::Client, backoff: BackoffPolicy) -> Watching {
     let (stop, stop_rx) = channel::channel(false);
     let mut tasks = JoinSet::new();
-    let stores = watch::start(
-        client,
-        BackoffPolicy::Fixed(Duration::from_millis(20)),
-        &mut tasks,
-        &stop_rx,
-    );
+    let stores = watch::start(client, backoff, &mut tasks, &stop_rx);
     let (index_tx, index) = channel::channel(Arc::new(Index::default()));
     tasks.spawn(watch::publish(
         stores.clone(),
@@ -463,5 +467,156 @@ async fn missing_route_crds_are_tolerated_until_installed() {
     let progress = w.stores.progress();
     assert_eq!(progress.get(Kind::HttpRoute), StoreState::Synced);
     assert_eq!(progress.get(Kind::GrpcRoute), StoreState::Missing);
+    w.shut_down().await;
+}
+
+#[test]
+fn backoff_doubles_to_30_s_and_restarts_after_progress() {
+    let mut b = Backoff::new(BackoffPolicy::Default);
+    let secs: Vec<f64> = (0..9).map(|_| b.failed(0.0).as_secs_f64()).collect();
+    assert_eq!(secs, [0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0, 30.0]);
+    // Jitter only ever shortens a pause, by at most a tenth.
+    assert_eq!(b.failed(0.999_999).as_secs_f64().round(), 27.0);
+    b.progressed();
+    assert_eq!(b.failed(0.5), BACKOFF_MIN.mul_f64(0.95));
+    // A very long outage neither overflows nor exceeds the cap.
+    for _ in 0..100 {
+        assert!(b.failed(0.0) <= BACKOFF_MAX);
+    }
+    let mut fixed = Backoff::new(BackoffPolicy::Fixed(Duration::from_millis(20)));
+    assert_eq!(fixed.failed(0.7), Duration::from_millis(20));
+}
+
+#[test]
+fn watch_errors_are_read_by_their_http_code() {
+    use kube::core::Status;
+    let api = |status: Status| Box::new(status);
+    // What kube's client makes of kube-apiserver's plain-text 404 for an unserved resource.
+    let unserved = || {
+        api(Status::failure("404 page not found\n", "Failed to parse error data").with_code(404))
+    };
+    let status = |code: u16, reason: &str| api(Status::failure("x", reason).with_code(code));
+    let list = |s: Box<Status>| watcher::Error::InitialListFailed(kube::Error::Api(s));
+    let watch_start = |s: Box<Status>| watcher::Error::WatchStartFailed(kube::Error::Api(s));
+    let cases = [
+        (Kind::HttpRoute, list(unserved()), Diagnosis::Missing),
+        (Kind::GrpcRoute, watch_start(unserved()), Diagnosis::Missing),
+        (
+            Kind::HttpRoute,
+            list(status(404, "NotFound")),
+            Diagnosis::Missing,
+        ),
+        // Services and Pods are always served: a 404 there is a fault, not a missing CRD.
+        (Kind::Service, list(unserved()), Diagnosis::Other),
+        // A 404 in the middle of a watch is not about the CRD.
+        (
+            Kind::HttpRoute,
+            watcher::Error::WatchError(unserved()),
+            Diagnosis::Other,
+        ),
+        (
+            Kind::Pod,
+            list(status(403, "Forbidden")),
+            Diagnosis::Forbidden,
+        ),
+        (
+            Kind::Pod,
+            list(status(403, "Failed to parse error data")),
+            Diagnosis::Forbidden,
+        ),
+        (
+            Kind::Service,
+            watcher::Error::WatchError(status(410, "Expired")),
+            Diagnosis::Gone,
+        ),
+        (
+            Kind::Service,
+            list(status(500, "InternalError")),
+            Diagnosis::Other,
+        ),
+        (
+            Kind::Service,
+            watcher::Error::NoResourceVersion,
+            Diagnosis::Other,
+        ),
+    ];
+    for (kind, error, want) in cases {
+        assert_eq!(diagnose(kind, &error), want, "{kind}: {error}");
+    }
+}
+
+/// The times of the requests of `path` (lists, or watches), as gaps in seconds.
+fn gaps(api: &FakeApi, path: &str, watches: bool) -> Vec<f64> {
+    let at: Vec<tokio::time::Instant> = api
+        .seen_at(&Method::GET, path)
+        .iter()
+        .filter(|s| s.is_watch() == watches)
+        .map(|s| s.at)
+        .collect();
+    at.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect()
+}
+
+/// Each gap is the doubling pause, shortened by at most a tenth of jitter.
+fn assert_doubling(gaps: &[f64]) {
+    for (i, gap) in gaps.iter().enumerate() {
+        let want = (0.8 * 2f64.powi(i as i32)).min(30.0);
+        assert!(
+            (want * 0.9 - 0.01..=want + 0.01).contains(gap),
+            "pause {i} is {gap:.3} s, expected {want} s less up to 10 %: {gaps:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_list_backs_off_doubling_to_30_s_and_a_success_resets_it() {
+    let (client, api) = FakeApi::start();
+    api.always_list(
+        SERVICES,
+        failure(
+            403,
+            "Forbidden",
+            "services is forbidden: User \"system:serviceaccount:trellis-system:trellis-controller\" \
+             cannot list resource \"services\" in API group \"\" at the cluster scope",
+        ),
+    );
+    for path in [SLICES, PODS, HTTP_ROUTES, GRPC_ROUTES] {
+        api.lists(path, vec![empty_list(path)]);
+    }
+    let mut w = start_with(&client, BackoffPolicy::Default);
+    // Two virtual minutes: 0.8 + 1.6 + … + 25.6 + 30 + 30 s fit, so 8 or 9 attempts (jitter),
+    // where a backoff reset by every list attempt would have made about a hundred.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let lists = gaps(&api, SERVICES, false);
+    assert!((7..=8).contains(&lists.len()), "{lists:?}");
+    assert_doubling(&lists);
+
+    // RBAC is fixed: the list succeeds, then the watch fails three times. The pauses start
+    // again from 0.8 s.
+    api.lists(
+        SERVICES,
+        vec![list(
+            "Service",
+            "v1",
+            "100",
+            vec![service("web", "10.96.0.10", "10")],
+        )],
+    );
+    api.watches(
+        SERVICES,
+        vec![
+            failure(500, "InternalError", "etcd is unavailable"),
+            failure(500, "InternalError", "etcd is unavailable"),
+            failure(500, "InternalError", "etcd is unavailable"),
+        ],
+    );
+    // The next list comes within the current 30 s pause; the watches fail within 6 s after.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    w.index_where("the Services once listed", |i| {
+        describe(i, "10.96.0.10:80") == "passthrough []"
+    })
+    .await;
+    let watches = gaps(&api, SERVICES, true);
+    assert_eq!(watches.len(), 3, "{watches:?}");
+    assert_doubling(&watches);
     w.shut_down().await;
 }
