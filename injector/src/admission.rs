@@ -15,18 +15,26 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use http::StatusCode;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use kube::core::admission::{
-    AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND, Operation,
+    AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND, Operation,
 };
-use kube::core::{DynamicObject, Status};
+use kube::core::{DynamicObject, GroupVersionKind, GroupVersionResource, Status};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::config::Settings;
-use crate::patch::{self, Plan};
+use crate::patch::{self, Denied, Plan};
 
-/// A body larger than this is refused with 413. An AdmissionReview carries the object (etcd
-/// caps objects at about 1.5 MiB) and, for updates, the old object too.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// A body larger than this is refused with 413, without reading the rest.
+///
+/// A pod CREATE review carries one object, and the API server refuses objects it could not
+/// store: etcd keeps at most 1.5 MiB per object, and the API server reads request bodies of at
+/// most 3 MiB. 3 MiB leaves room for the review around the pod (user info, options) and for
+/// JSON escaping, while keeping what a request can make the injector hold small.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
 
 /// How a review ended, for metrics and logs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,46 +65,93 @@ pub struct Reply {
     pub detail: String,
 }
 
+/// The parts of an AdmissionReview the injector reads, parsed in one pass over the body. The
+/// object is borrowed as raw JSON and read into a typed pod only for a pod CREATE; everything
+/// else (`userInfo`, `oldObject`, `options`) is skipped without being kept.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(borrow)]
+    request: Option<Request<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Request<'a> {
+    uid: String,
+    kind: GroupVersionKind,
+    resource: GroupVersionResource,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Operation,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+}
+
+/// What is left to say about a body that is JSON but not a readable review.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Loose {
+    api_version: Option<Value>,
+    kind: Option<Value>,
+    request: Option<LooseRequest>,
+}
+
+#[derive(Default, Deserialize)]
+struct LooseRequest {
+    uid: Option<Value>,
+}
+
+/// `Some(error)` unless the review is an `admission.k8s.io/v1` AdmissionReview.
+fn wrong_type(api_version: Option<&str>, kind: Option<&str>, uid: &str) -> Option<Reply> {
+    if api_version == Some(META_API_VERSION_V1) && kind == Some(META_KIND) {
+        return None;
+    }
+    Some(error(
+        StatusCode::BAD_REQUEST,
+        uid.to_string(),
+        format!(
+            "expected an {META_API_VERSION_V1} {META_KIND}, got apiVersion {} kind {} \
+             (set admissionReviewVersions: [v1] in the webhook configuration)",
+            api_version.unwrap_or("(none)"),
+            kind.unwrap_or("(none)"),
+        ),
+    ))
+}
+
 /// Answers one AdmissionReview body.
 pub fn review(body: &[u8], settings: &Settings) -> Reply {
-    let mut value: Value = match serde_json::from_slice(body) {
-        Ok(value) => value,
-        Err(e) => {
+    let envelope: Envelope<'_> = match serde_json::from_slice(body) {
+        Ok(envelope) => envelope,
+        // Some mistyped values (an integer for an enum) are syntax errors to serde_json too;
+        // a pass that keeps nothing tells a body that is not JSON from one that is.
+        Err(e) if serde_json::from_slice::<IgnoredAny>(body).is_err() => {
             return error(
                 StatusCode::BAD_REQUEST,
                 String::new(),
                 format!("the request body is not JSON: {e}"),
             );
         }
-    };
-    let uid = value
-        .pointer("/request/uid")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let api_version = value.get("apiVersion").and_then(Value::as_str);
-    let kind = value.get("kind").and_then(Value::as_str);
-    if api_version != Some(META_API_VERSION_V1) || kind != Some(META_KIND) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            uid,
-            format!(
-                "expected an {META_API_VERSION_V1} {META_KIND}, got apiVersion {} kind {} \
-                 (set admissionReviewVersions: [v1] in the webhook configuration)",
-                api_version.unwrap_or("(none)"),
-                kind.unwrap_or("(none)"),
-            ),
-        );
-    }
-    // The object is kept as raw JSON: the patch is computed against exactly what the API
-    // server sent, including fields newer than this build's Kubernetes types.
-    let object = value
-        .pointer_mut("/request/object")
-        .map(Value::take)
-        .filter(|o| !o.is_null());
-    let review: AdmissionReview<DynamicObject> = match serde_json::from_value(value) {
-        Ok(review) => review,
         Err(e) => {
+            // JSON, but not a review this build can read: a second, lenient look finds the
+            // uid to echo and whether it is a review at all. Only bad input pays for it.
+            let loose: Loose = serde_json::from_slice(body).unwrap_or_default();
+            let uid = loose
+                .request
+                .and_then(|r| r.uid)
+                .and_then(|uid| uid.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let text = |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_string);
+            let (api_version, kind) = (text(&loose.api_version), text(&loose.kind));
+            if let Some(reply) = wrong_type(api_version.as_deref(), kind.as_deref(), &uid) {
+                return reply;
+            }
             return error(
                 StatusCode::BAD_REQUEST,
                 uid,
@@ -104,25 +159,35 @@ pub fn review(body: &[u8], settings: &Settings) -> Reply {
             );
         }
     };
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(request) => request,
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                uid,
-                "the AdmissionReview has no request".to_string(),
-            );
-        }
+    let uid = envelope.request.as_ref().map_or("", |r| r.uid.as_str());
+    if let Some(reply) = wrong_type(
+        envelope.api_version.as_deref(),
+        envelope.kind.as_deref(),
+        uid,
+    ) {
+        return reply;
+    }
+    let Some(request) = envelope.request else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            String::new(),
+            "the AdmissionReview has no request".to_string(),
+        );
     };
-    decide(&request, object, settings)
+    decide(request, settings)
 }
 
-fn decide(
-    request: &AdmissionRequest<DynamicObject>,
-    object: Option<Value>,
-    settings: &Settings,
-) -> Reply {
-    let response = AdmissionResponse::from(request);
+/// An allowing response to the request `uid`, for an `admission.k8s.io/v1` review.
+fn allow(uid: &str) -> AdmissionResponse {
+    let mut response = AdmissionResponse::invalid("");
+    response.uid = uid.to_string();
+    response.allowed = true;
+    response.result = Status::default();
+    response
+}
+
+fn decide(request: Request<'_>, settings: &Settings) -> Reply {
+    let response = allow(&request.uid);
     let uid = request.uid.clone();
     let kind = &request.kind;
     if !kind.group.is_empty() || kind.kind != "Pod" || request.sub_resource.is_some() {
@@ -144,13 +209,22 @@ fn decide(
         );
         return allowed_with_warning(response, uid, "not_create", warning);
     }
-    let Some(object) = object else {
+    let Some(object) = request.object.filter(|o| o.get() != "null") else {
         let message = "the pod CREATE request carries no object".to_string();
         return denied(response, uid, "no_object", message);
     };
-    let pod = describe(request, &object);
-    match patch::plan(&object, request.namespace.as_deref(), settings) {
-        Ok(Plan::Inject(patch)) => match response.with_patch(patch) {
+    // The one parse of the pod, into the typed form the plan reads.
+    let template = if object.get().starts_with('{') {
+        serde_json::from_str::<PodTemplateSpec>(object.get())
+            .map_err(|e| Denied::NotAPod(e.to_string()))
+    } else {
+        Err(Denied::NotAPod("expected a JSON object".to_string()))
+    };
+    let namespace = request.namespace.as_deref();
+    let pod = describe(namespace, &request.name, template.as_ref().ok());
+    let planned = template.and_then(|t| patch::plan_template(&t, namespace, settings));
+    match planned {
+        Ok(Plan::Inject(patch)) => match response.clone().with_patch(patch) {
             Ok(response) => reply(
                 StatusCode::OK,
                 response,
@@ -159,7 +233,7 @@ fn decide(
                 format!("{pod}: injected"),
             ),
             Err(e) => denied(
-                AdmissionResponse::from(request),
+                response,
                 uid,
                 "internal",
                 format!("cannot encode the patch: {e}"),
@@ -182,18 +256,19 @@ fn decide(
 }
 
 /// `namespace/name` for messages; pods created by controllers only have a `generateName`.
-fn describe(request: &AdmissionRequest<DynamicObject>, object: &Value) -> String {
-    let namespace = request.namespace.as_deref().unwrap_or("");
-    let meta = |key: &str| {
-        object
-            .pointer(&format!("/metadata/{key}"))
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-    };
-    let name = match (meta("name"), meta("generateName")) {
+fn describe(namespace: Option<&str>, request_name: &str, pod: Option<&PodTemplateSpec>) -> String {
+    let namespace = namespace.unwrap_or("");
+    let meta = pod.and_then(|p| p.metadata.as_ref());
+    let name = meta
+        .and_then(|m| m.name.as_deref())
+        .filter(|s| !s.is_empty());
+    let prefix = meta
+        .and_then(|m| m.generate_name.as_deref())
+        .filter(|s| !s.is_empty());
+    let name = match (name, prefix) {
         (Some(name), _) => name.to_string(),
         (None, Some(prefix)) => format!("{prefix}*"),
-        (None, None) => request.name.clone(),
+        (None, None) => request_name.to_string(),
     };
     format!("pod {namespace}/{name}")
 }

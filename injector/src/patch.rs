@@ -1,23 +1,24 @@
 //! Pure injection: a pod (or pod template) and the settings in, a decision and a JSONPatch out.
 //!
 //! The webhook and `trellis-injector inject` both call [`plan`]; the webhook sends the patch,
-//! `inject` applies it. The patch only *adds* (containers, volumes, annotations) at paths
-//! computed from the pod's raw JSON, never replaces whole lists, so fields this build of
-//! Kubernetes types does not know are left exactly as they were.
+//! `inject` applies it. The patch *adds* (containers, volumes, annotations) at paths computed
+//! from the pod's raw JSON and, for rewritten probes, swaps only the probe's handler; it never
+//! replaces whole lists or objects, so fields this build of Kubernetes types does not know are
+//! left exactly as they were.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use serde::Deserialize as _;
 use serde_json::{Map, Value, json};
 
-use crate::annotations::{self, InjectMode, InvalidAnnotations};
+use crate::annotations::{self, InjectMode, InvalidAnnotations, RewriteProbes};
 use crate::config::{Settings, SidecarMode};
-use crate::probes::{self, InvalidProbes};
-use crate::sidecar::{self, ADMIN_PORT};
+use crate::probes::{self, InvalidProbes, ProbeMode, Rewrite};
+use crate::sidecar::{self, ADMIN_PORT, Inbound};
 
 /// Why a pod is left as it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,7 +98,18 @@ pub fn plan(pod: &Value, namespace: Option<&str>, settings: &Settings) -> Result
         return Err(Denied::NotAPod("expected a JSON object".to_string()));
     }
     let template = PodTemplateSpec::deserialize(pod).map_err(|e| Denied::NotAPod(e.to_string()))?;
-    let Some(spec) = template.spec else {
+    plan_template(&template, namespace, settings)
+}
+
+/// [`plan`] for a pod already read into its typed form (a Pod reads as a template: its
+/// `metadata` and `spec`). The patch is computed from the typed pod alone; fields this build
+/// does not know are not read, and the patch never touches them.
+pub fn plan_template(
+    template: &PodTemplateSpec,
+    namespace: Option<&str>,
+    settings: &Settings,
+) -> Result<Plan, Denied> {
+    let Some(spec) = &template.spec else {
         return Err(Denied::NotAPod("it has no spec".to_string()));
     };
     let no_annotations = BTreeMap::new();
@@ -157,12 +169,25 @@ pub fn plan(pod: &Value, namespace: Option<&str>, settings: &Settings) -> Result
             });
         }
     }
-    let plaintext =
-        probes::inbound_plaintext_ports(&spec, overrides.inbound_plaintext_ports.as_ref())?;
-    let sidecar = sidecar::build(settings, &overrides, &plaintext)?;
+    let mode = ProbeMode {
+        rewrite: overrides.rewrite_probes != Some(RewriteProbes::Disabled),
+        native_sidecars: settings.sidecar_mode == SidecarMode::Native,
+    };
+    let probe_plan = probes::plan(spec, mode)?;
+    let plaintext = probes::plaintext_ports(
+        &probe_plan.plaintext_ports,
+        overrides.inbound_plaintext_ports.as_ref(),
+    );
+    let inbound = Inbound {
+        ports: probes::inbound_ports(spec, overrides.inbound_ports.as_ref(), &plaintext),
+        plaintext,
+        app_probes: probe_plan.app_probes,
+    };
+    let sidecar = sidecar::build(settings, &overrides, &inbound)?;
     let first_app_container = spec.containers.first().map(|c| c.name.as_str());
     Ok(Plan::Inject(operations(
-        pod,
+        template,
+        &probe_plan.rewrites,
         &sidecar,
         pod_annotations,
         first_app_container,
@@ -206,23 +231,52 @@ fn to_json<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
+/// The new handler of a rewritten probe: a GET on the proxy's admin port.
+fn admin_http_get(path: &str) -> Value {
+    json!({"path": path, "port": ADMIN_PORT, "scheme": "HTTP"})
+}
+
 fn operations(
-    pod: &Value,
+    pod: &PodTemplateSpec,
+    rewrites: &[Rewrite],
     sidecar: &sidecar::Sidecar,
     existing: &BTreeMap<String, String>,
     first_app_container: Option<&str>,
     settings: &Settings,
 ) -> Patch {
     let mut ops = Vec::new();
+    // Probes first: their paths use the containers' indices as the pod arrived, before the
+    // proxy is inserted into either list. Only the handler changes; every timing field (and
+    // any field this build does not know) stays as written.
+    for rewrite in rewrites {
+        let index = rewrite.index.to_string();
+        let probe = ["spec", rewrite.list.field(), &index, rewrite.field];
+        let at = |handler: &str| pointer(&[probe[0], probe[1], probe[2], probe[3], handler]);
+        let value = admin_http_get(&rewrite.path);
+        if rewrite.handler == "httpGet" {
+            ops.push(PatchOperation::Replace(ReplaceOperation {
+                path: at("httpGet"),
+                value,
+            }));
+        } else {
+            ops.push(PatchOperation::Remove(RemoveOperation {
+                path: at(rewrite.handler),
+            }));
+            ops.push(PatchOperation::Add(AddOperation {
+                path: at("httpGet"),
+                value,
+            }));
+        }
+    }
     let init = to_json(&sidecar.init);
     let proxy = to_json(&sidecar.proxy);
-    let has_list = |path: &str| pod.pointer(path).is_some_and(Value::is_array);
+    let spec = pod.spec.as_ref();
 
     match settings.sidecar_mode {
         // trellis-init, then the proxy, then the pod's own init containers, which so already
         // run with the mesh.
         SidecarMode::Native => {
-            if has_list("/spec/initContainers") {
+            if spec.is_some_and(|s| s.init_containers.is_some()) {
                 ops.push(add(&["spec", "initContainers", "0"], init));
                 ops.push(add(&["spec", "initContainers", "1"], proxy));
             } else {
@@ -233,7 +287,7 @@ fn operations(
         // the pod's own init containers would otherwise find all their TCP traffic
         // redirected to a port nobody listens on.
         SidecarMode::Classic => {
-            if has_list("/spec/initContainers") {
+            if spec.is_some_and(|s| s.init_containers.is_some()) {
                 ops.push(add(&["spec", "initContainers", "-"], init));
             } else {
                 ops.push(add(&["spec", "initContainers"], json!([init])));
@@ -243,7 +297,7 @@ fn operations(
     }
 
     let volumes: Vec<Value> = sidecar.volumes.iter().map(to_json).collect();
-    if has_list("/spec/volumes") {
+    if spec.is_some_and(|s| s.volumes.is_some()) {
         for volume in volumes {
             ops.push(add(&["spec", "volumes", "-"], volume));
         }
@@ -270,8 +324,9 @@ fn operations(
     new.push((annotations::PROXY_VERSION, settings.version.as_str()));
 
     if pod
-        .pointer("/metadata/annotations")
-        .is_some_and(Value::is_object)
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.annotations.is_some())
     {
         for (key, value) in new {
             ops.push(add(&["metadata", "annotations", key], json!(value)));
@@ -281,7 +336,7 @@ fn operations(
             .into_iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
             .collect();
-        if pod.pointer("/metadata").is_some_and(Value::is_object) {
+        if pod.metadata.is_some() {
             ops.push(add(&["metadata", "annotations"], Value::Object(map)));
         } else {
             ops.push(add(&["metadata"], json!({ "annotations": map })));
