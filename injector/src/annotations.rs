@@ -17,6 +17,12 @@ pub const SKIP_OUTBOUND_PORTS: &str = "trellis.dev/skip-outbound-ports";
 /// Inbound ports where the proxy also accepts plaintext, for clients outside the mesh; the
 /// pod's probe ports are added to them.
 pub const INBOUND_PLAINTEXT_PORTS: &str = "trellis.dev/inbound-plaintext-ports";
+/// Ports the proxy delivers inbound traffic to besides the pod's declared container ports, for
+/// Services whose numeric `targetPort` the pod does not declare.
+pub const INBOUND_PORTS: &str = "trellis.dev/inbound-ports";
+/// `disabled` keeps the kubelet's probes as written, their ports open to plaintext; by default
+/// (`enabled`) they go through the proxy's admin port.
+pub const REWRITE_PROBES: &str = "trellis.dev/rewrite-probes";
 /// The proxy's log filter.
 pub const PROXY_LOG_LEVEL: &str = "trellis.dev/proxy-log-level";
 /// The proxy container's CPU request.
@@ -48,6 +54,8 @@ pub struct Overrides {
     pub skip_inbound_ports: Option<PortList>,
     pub skip_outbound_ports: Option<PortList>,
     pub inbound_plaintext_ports: Option<PortList>,
+    pub inbound_ports: Option<PortList>,
+    pub rewrite_probes: Option<RewriteProbes>,
     pub log_level: Option<String>,
     pub cpu_request: Option<Quantity>,
     pub memory_request: Option<Quantity>,
@@ -96,6 +104,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
     field(SKIP_INBOUND_PORTS, &|v| PortList::parse(v).map(drop));
     field(SKIP_OUTBOUND_PORTS, &|v| PortList::parse(v).map(drop));
     field(INBOUND_PLAINTEXT_PORTS, &|v| PortList::parse(v).map(drop));
+    field(INBOUND_PORTS, &|v| PortList::parse(v).map(drop));
+    field(REWRITE_PROBES, &|v| parse_rewrite_probes(v).map(drop));
     field(PROXY_LOG_LEVEL, &|v| parse_log_level(v).map(drop));
     field(PROXY_CPU_REQUEST, &|v| Quantity::cpu(v).map(drop));
     field(PROXY_MEMORY_REQUEST, &|v| Quantity::memory(v).map(drop));
@@ -109,6 +119,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
         skip_inbound_ports: get(SKIP_INBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
         skip_outbound_ports: get(SKIP_OUTBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
         inbound_plaintext_ports: get(INBOUND_PLAINTEXT_PORTS).and_then(|v| PortList::parse(v).ok()),
+        inbound_ports: get(INBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
+        rewrite_probes: get(REWRITE_PROBES).and_then(|v| parse_rewrite_probes(v).ok()),
         log_level: get(PROXY_LOG_LEVEL).and_then(|v| parse_log_level(v).ok()),
         cpu_request: get(PROXY_CPU_REQUEST).and_then(|v| Quantity::cpu(v).ok()),
         memory_request: get(PROXY_MEMORY_REQUEST).and_then(|v| Quantity::memory(v).ok()),
@@ -122,6 +134,24 @@ pub fn parse_inject(value: &str) -> Result<InjectMode, String> {
     match value.trim() {
         "enabled" => Ok(InjectMode::Enabled),
         "disabled" => Ok(InjectMode::Disabled),
+        other => Err(format!(
+            "{other:?} is not a valid value (use enabled or disabled)"
+        )),
+    }
+}
+
+/// What `trellis.dev/rewrite-probes` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RewriteProbes {
+    Enabled,
+    Disabled,
+}
+
+/// `enabled` or `disabled`, refused otherwise for the same reason as [`parse_inject`].
+pub fn parse_rewrite_probes(value: &str) -> Result<RewriteProbes, String> {
+    match value.trim() {
+        "enabled" => Ok(RewriteProbes::Enabled),
+        "disabled" => Ok(RewriteProbes::Disabled),
         other => Err(format!(
             "{other:?} is not a valid value (use enabled or disabled)"
         )),
@@ -165,6 +195,15 @@ pub struct PortRange {
     pub last: u16,
 }
 
+impl PortRange {
+    pub fn single(port: u16) -> Self {
+        PortRange {
+            first: port,
+            last: port,
+        }
+    }
+}
+
 impl fmt::Display for PortRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.first == self.last {
@@ -176,7 +215,8 @@ impl fmt::Display for PortRange {
 }
 
 /// A comma list of ports and ranges: `25, 8000-8100`. Rendered back without spaces, which is
-/// the form the proxy reads from `TRELLIS_SKIP_*_PORTS` and `TRELLIS_INBOUND_PLAINTEXT_PORTS`.
+/// the form the proxy reads from `TRELLIS_SKIP_*_PORTS`, `TRELLIS_INBOUND_PLAINTEXT_PORTS` and
+/// `TRELLIS_INBOUND_PORTS`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortList(pub Vec<PortRange>);
 

@@ -297,8 +297,8 @@ fn the_patch_only_adds() {
     );
 }
 
-/// The proxy's `TRELLIS_INBOUND_PLAINTEXT_PORTS`, whichever list the proxy was put in.
-fn plaintext_env(pod: &Value) -> Option<&str> {
+/// The proxy's environment variable `name`, whichever list the proxy was put in.
+fn proxy_env<'a>(pod: &'a Value, name: &str) -> Option<&'a str> {
     let proxy = ["/spec/initContainers", "/spec/containers"]
         .iter()
         .filter_map(|path| pod.pointer(path).and_then(Value::as_array))
@@ -309,38 +309,163 @@ fn plaintext_env(pod: &Value) -> Option<&str> {
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS")
+        .find(|e| e["name"] == name)
         .map(|e| e["value"].as_str().unwrap())
 }
 
+fn app<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    ["/spec/initContainers", "/spec/containers"]
+        .iter()
+        .filter_map(|path| pod.pointer(path).and_then(Value::as_array))
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap()
+}
+
+fn probed() -> Value {
+    json!({
+        "initContainers": [{
+            "name": "agent", "restartPolicy": "Always",
+            "ports": [{"containerPort": 7070}],
+            "startupProbe": {"tcpSocket": {"port": 7070}, "periodSeconds": 2},
+        }],
+        "containers": [{
+            "name": "app",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"},
+                               "initialDelaySeconds": 3, "periodSeconds": 4, "timeoutSeconds": 5,
+                               "successThreshold": 1, "failureThreshold": 6},
+            "livenessProbe": {"tcpSocket": {"port": 8080}, "terminationGracePeriodSeconds": 7},
+            "startupProbe": {"grpc": {"port": 9090}, "failureThreshold": 30},
+        }],
+    })
+}
+
 #[test]
-fn the_proxy_accepts_plaintext_on_probe_ports_in_both_modes() {
-    let probed = json!({"containers": [{
-        "name": "app",
-        "ports": [{"name": "http", "containerPort": 8080}],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
-        "livenessProbe": {"tcpSocket": {"port": 8080}},
-        "startupProbe": {"grpc": {"port": 9090}},
-    }]});
+fn probes_go_through_the_admin_port_in_both_modes() {
     for mode in [
         crate::config::SidecarMode::Native,
         crate::config::SidecarMode::Classic,
     ] {
         let mut settings = settings();
         settings.sidecar_mode = mode;
-        let mut with_probes = pod(
-            probed.clone(),
+        let mut pod = pod(
+            probed(),
             json!({"trellis.dev/inbound-plaintext-ports": "15000-15010"}),
         );
-        assert_eq!(inject(&mut with_probes, Some("shop"), &settings), Ok(None));
+        assert_eq!(inject(&mut pod, Some("shop"), &settings), Ok(None));
+        // Only what the annotation opens is plaintext now.
         assert_eq!(
-            plaintext_env(&with_probes),
-            Some("8080,9090,15000-15010"),
+            proxy_env(&pod, "TRELLIS_INBOUND_PLAINTEXT_PORTS"),
+            Some(match mode {
+                crate::config::SidecarMode::Native => "15000-15010",
+                // The native sidecar's probe stays direct: the proxy starts after it.
+                crate::config::SidecarMode::Classic => "7070,15000-15010",
+            }),
             "{mode:?}"
         );
-        // Nothing to open: no variable, so the proxy keeps its default of none.
-        let mut plain = pod(json!({}), Value::Null);
+        assert_eq!(
+            proxy_env(&pod, "TRELLIS_INBOUND_PORTS"),
+            Some("7070,8080,15000-15010"),
+            "{mode:?}"
+        );
+        let admin = |path: &str| json!({"path": path, "port": 4191, "scheme": "HTTP"});
+        let app_container = app(&pod, "app");
+        assert_eq!(
+            app_container["readinessProbe"],
+            json!({"httpGet": admin("/app-health/app/readiness"),
+                   "initialDelaySeconds": 3, "periodSeconds": 4, "timeoutSeconds": 5,
+                   "successThreshold": 1, "failureThreshold": 6}),
+            "{mode:?}"
+        );
+        assert_eq!(
+            app_container["livenessProbe"],
+            json!({"httpGet": admin("/app-health/app/liveness"), "terminationGracePeriodSeconds": 7}),
+            "{mode:?}"
+        );
+        assert_eq!(
+            app_container["startupProbe"],
+            json!({"httpGet": admin("/app-health/app/startup"), "failureThreshold": 30}),
+            "{mode:?}"
+        );
+        let probes: trellis_api::probes::AppProbes =
+            serde_json::from_str(proxy_env(&pod, "TRELLIS_APP_PROBES").unwrap()).unwrap();
+        let mut keys: Vec<&str> = probes.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        match mode {
+            crate::config::SidecarMode::Native => {
+                assert_eq!(
+                    keys,
+                    [
+                        "agent/startup",
+                        "app/liveness",
+                        "app/readiness",
+                        "app/startup"
+                    ]
+                );
+                assert_eq!(
+                    app(&pod, "agent")["startupProbe"],
+                    json!({"httpGet": admin("/app-health/agent/startup"), "periodSeconds": 2})
+                );
+            }
+            crate::config::SidecarMode::Classic => {
+                assert_eq!(keys, ["app/liveness", "app/readiness", "app/startup"]);
+                assert_eq!(
+                    app(&pod, "agent")["startupProbe"],
+                    json!({"tcpSocket": {"port": 7070}, "periodSeconds": 2})
+                );
+            }
+        }
+        // Injecting again changes nothing.
+        let before = pod.clone();
+        assert_eq!(
+            inject(&mut pod, Some("shop"), &settings),
+            Ok(Some(Skip::AlreadyInjected))
+        );
+        assert_eq!(pod, before);
+
+        // Nothing to open or deliver: no variables, so the proxy keeps its defaults.
+        let mut plain = self::pod(json!({}), Value::Null);
         assert_eq!(inject(&mut plain, Some("shop"), &settings), Ok(None));
-        assert_eq!(plaintext_env(&plain), None, "{mode:?}");
+        for name in [
+            "TRELLIS_INBOUND_PLAINTEXT_PORTS",
+            "TRELLIS_INBOUND_PORTS",
+            "TRELLIS_APP_PROBES",
+        ] {
+            assert_eq!(proxy_env(&plain, name), None, "{mode:?} {name}");
+        }
     }
+}
+
+#[test]
+fn rewrite_probes_disabled_keeps_probe_ports_plaintext() {
+    let mut pod = pod(
+        probed(),
+        json!({"trellis.dev/rewrite-probes": "disabled", "trellis.dev/inbound-ports": "9443"}),
+    );
+    let original = pod.clone();
+    assert_eq!(inject(&mut pod, Some("shop"), &settings()), Ok(None));
+    assert_eq!(
+        proxy_env(&pod, "TRELLIS_INBOUND_PLAINTEXT_PORTS"),
+        Some("7070,8080,9090")
+    );
+    assert_eq!(
+        proxy_env(&pod, "TRELLIS_INBOUND_PORTS"),
+        Some("7070,8080,9090,9443")
+    );
+    assert_eq!(proxy_env(&pod, "TRELLIS_APP_PROBES"), None);
+    assert_eq!(
+        app(&pod, "app")["readinessProbe"],
+        original["spec"]["containers"][0]["readinessProbe"]
+    );
+    let denied = plan(
+        &self::pod(json!({}), json!({"trellis.dev/rewrite-probes": "off"})),
+        Some("shop"),
+        &settings(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        denied.to_string(),
+        "annotation trellis.dev/rewrite-probes: \"off\" is not a valid value (use enabled or disabled)"
+    );
 }

@@ -18,10 +18,24 @@ fn app(probes: Value) -> Value {
     json!({"containers": [container]})
 }
 
+const KEEP: ProbeMode = ProbeMode {
+    rewrite: false,
+    native_sidecars: true,
+};
+const NATIVE: ProbeMode = ProbeMode {
+    rewrite: true,
+    native_sidecars: true,
+};
+const CLASSIC: ProbeMode = ProbeMode {
+    rewrite: true,
+    native_sidecars: false,
+};
+
+/// The plaintext list with probes kept as written (`trellis.dev/rewrite-probes: disabled`).
 fn plaintext(spec_json: Value, annotation: &str) -> Result<String, String> {
     let annotation = PortList::parse(annotation).unwrap();
-    inbound_plaintext_ports(&spec(spec_json), Some(&annotation))
-        .map(|list| list.to_string())
+    plan(&spec(spec_json), KEEP)
+        .map(|plan| plaintext_ports(&plan.plaintext_ports, Some(&annotation)).to_string())
         .map_err(|e| e.to_string())
 }
 
@@ -123,8 +137,12 @@ fn probe_ports_and_the_annotation_make_one_sorted_list() {
         );
     }
     // Without the annotation at all.
-    let ports = inbound_plaintext_ports(&spec(app(json!({"startupProbe": grpc(9090)}))), None);
-    assert_eq!(ports.map(|l| l.to_string()).as_deref(), Ok("9090"));
+    let plan = plan(&spec(app(json!({"startupProbe": grpc(9090)}))), KEEP).unwrap();
+    assert_eq!(
+        plaintext_ports(&plan.plaintext_ports, None).to_string(),
+        "9090"
+    );
+    assert!(plan.rewrites.is_empty() && plan.app_probes.is_empty());
 }
 
 #[test]
@@ -168,6 +186,173 @@ fn unresolvable_probe_ports_name_the_container_and_probe() {
         ),
     ];
     for (spec_json, want) in cases {
-        assert_eq!(plaintext(spec_json, ""), Err(want.to_string()));
+        assert_eq!(plaintext(spec_json.clone(), ""), Err(want.to_string()));
+        // Rewriting needs the same ports resolved.
+        let rewritten = plan(&spec(spec_json), NATIVE).map_err(|e| e.to_string());
+        assert_eq!(rewritten.map(drop), Err(want.to_string()));
+    }
+}
+
+#[test]
+fn http_tcp_and_grpc_probes_go_through_the_proxy() {
+    let spec = spec(json!({
+        "initContainers": [
+            {"name": "migrate", "readinessProbe": {"tcpSocket": {"port": 1111}}},
+            {"name": "agent", "restartPolicy": "Always", "ports": [{"name": "admin", "containerPort": 7070}],
+             "startupProbe": {"httpGet": {"port": "admin"}}},
+        ],
+        "containers": [{
+            "name": "app",
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "ready?full=1", "port": "http", "host": "app.local",
+                               "httpHeaders": [{"name": "X-Probe", "value": "kubelet"}]}},
+            "livenessProbe": {"tcpSocket": {"port": "http"}},
+            "startupProbe": {"grpc": {"port": 9090, "service": "app.Health"}},
+        }, {
+            "name": "tls",
+            "readinessProbe": {"httpGet": {"port": 8443, "scheme": "HTTPS"}},
+            "livenessProbe": {"tcpSocket": {"port": 8444, "host": "10.0.0.1"}},
+            "startupProbe": {"exec": {"command": ["true"]}},
+        }],
+    }));
+    let native = plan(&spec, NATIVE).unwrap();
+    let json = serde_json::to_value(&native.app_probes).unwrap();
+    assert_eq!(
+        json,
+        json!({
+            "agent/startup": {"kind": "http", "port": 7070, "path": "/"},
+            "app/readiness": {"kind": "http", "port": 8080, "path": "/ready?full=1", "host": "app.local",
+                              "headers": [{"name": "X-Probe", "value": "kubelet"}]},
+            "app/liveness": {"kind": "tcp", "port": 8080},
+            "app/startup": {"kind": "grpc", "port": 9090, "service": "app.Health"},
+        })
+    );
+    let rewrites: Vec<(&str, usize, &str, &str, &str)> = native
+        .rewrites
+        .iter()
+        .map(|r| (r.list.field(), r.index, r.field, r.handler, r.path.as_str()))
+        .collect();
+    assert_eq!(
+        rewrites,
+        [
+            (
+                "containers",
+                0,
+                "readinessProbe",
+                "httpGet",
+                "/app-health/app/readiness"
+            ),
+            (
+                "containers",
+                0,
+                "livenessProbe",
+                "tcpSocket",
+                "/app-health/app/liveness"
+            ),
+            (
+                "containers",
+                0,
+                "startupProbe",
+                "grpc",
+                "/app-health/app/startup"
+            ),
+            (
+                "initContainers",
+                1,
+                "startupProbe",
+                "httpGet",
+                "/app-health/agent/startup"
+            ),
+        ]
+    );
+    // HTTPS and a TCP probe of another host stay as written, their ports in plaintext.
+    assert_eq!(native.plaintext_ports, [8443, 8444]);
+
+    // Classic mode: the proxy starts after every init container, so a native sidecar's probe
+    // stays direct.
+    let classic = plan(&spec, CLASSIC).unwrap();
+    assert!(!classic.app_probes.contains_key("agent/startup"));
+    assert_eq!(classic.rewrites.len(), 3);
+    assert_eq!(classic.plaintext_ports, [8443, 8444, 7070]);
+
+    // Disabled: nothing rewritten, every probe port in plaintext.
+    let kept = plan(&spec, KEEP).unwrap();
+    assert!(kept.rewrites.is_empty() && kept.app_probes.is_empty());
+    assert_eq!(
+        plaintext_ports(&kept.plaintext_ports, None).to_string(),
+        "7070,8080,8443,8444,9090"
+    );
+}
+
+#[test]
+fn inbound_ports_are_the_declared_tcp_ports() {
+    let inbound = |spec_json: Value, annotation: &str, plaintext: &str| {
+        let annotation = PortList::parse(annotation).unwrap();
+        let annotation = (!annotation.is_empty()).then_some(annotation);
+        let plaintext = PortList::parse(plaintext).unwrap();
+        inbound_ports(&spec(spec_json), annotation.as_ref(), &plaintext).map(|l| l.to_string())
+    };
+    let ports = |ports: Value| json!({"containers": [{"name": "app", "ports": ports}]});
+    let cases = [
+        (
+            "nothing declared: any port",
+            json!({"containers": [{"name": "app"}]}),
+            "",
+            "",
+            None,
+        ),
+        (
+            "nothing declared, plaintext alone does not restrict",
+            json!({"containers": [{"name": "app"}]}),
+            "",
+            "8443",
+            None,
+        ),
+        (
+            "TCP and unspecified protocols, not UDP",
+            ports(json!([
+                {"containerPort": 8080},
+                {"containerPort": 9090, "protocol": "TCP"},
+                {"containerPort": 53, "protocol": "UDP"},
+            ])),
+            "",
+            "",
+            Some("8080,9090"),
+        ),
+        (
+            "the annotation alone",
+            json!({"containers": [{"name": "app"}]}),
+            "9000-9100, 80",
+            "",
+            Some("80,9000-9100"),
+        ),
+        (
+            "ports, annotation and plaintext ports, merged",
+            ports(json!([{"containerPort": 8080}])),
+            "8081",
+            "8443,15000-15010",
+            Some("8080,8081,8443,15000-15010"),
+        ),
+        (
+            "native sidecars count, other init containers and the proxy do not",
+            json!({
+                "initContainers": [
+                    {"name": "migrate", "ports": [{"containerPort": 1111}]},
+                    {"name": "agent", "restartPolicy": "Always", "ports": [{"containerPort": 2222}]},
+                    {"name": "trellis-proxy", "restartPolicy": "Always", "ports": [{"containerPort": 4191}]},
+                ],
+                "containers": [{"name": "app", "ports": [{"containerPort": 80}]}],
+            }),
+            "",
+            "",
+            Some("80,2222"),
+        ),
+    ];
+    for (name, spec_json, annotation, plaintext, want) in cases {
+        assert_eq!(
+            inbound(spec_json, annotation, plaintext).as_deref(),
+            want,
+            "{name}"
+        );
     }
 }

@@ -12,6 +12,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity as K8sQuantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use trellis_api::probes::{APP_PROBES_ENV, AppProbes};
+
 use crate::annotations::{self, Invalid, InvalidAnnotations, Overrides, PortList, Quantity};
 use crate::config::{Settings, SidecarMode};
 
@@ -37,6 +39,8 @@ pub const TOKEN_EXPIRATION_SECONDS: i64 = 86_400;
 pub const PROXY_UID: i64 = 2102;
 pub const ADMIN_PORT: i32 = 4191;
 pub const ADMIN_PORT_NAME: &str = "trellis-admin";
+/// The ports the proxy delivers inbound traffic to; unset means any port.
+pub const INBOUND_PORTS_ENV: &str = "TRELLIS_INBOUND_PORTS";
 
 /// The proxy may take this long (1 s × 120) to become ready — it needs its certificate from
 /// identity — before the kubelet restarts it.
@@ -51,17 +55,27 @@ pub struct Sidecar {
     pub volumes: Vec<Volume>,
 }
 
-/// Builds the sidecar for a pod whose annotations have already been parsed; `plaintext` is
-/// where its proxy accepts plaintext inbound ([`crate::probes::inbound_plaintext_ports`]).
+/// What the proxy is told about inbound traffic.
+#[derive(Clone, Debug, Default)]
+pub struct Inbound {
+    /// Where it accepts plaintext ([`crate::probes::plaintext_ports`]).
+    pub plaintext: PortList,
+    /// Where it delivers; `None` for any port ([`crate::probes::inbound_ports`]).
+    pub ports: Option<PortList>,
+    /// The app probes it performs for the kubelet.
+    pub app_probes: AppProbes,
+}
+
+/// Builds the sidecar for a pod whose annotations have already been parsed.
 pub fn build(
     settings: &Settings,
     overrides: &Overrides,
-    plaintext: &PortList,
+    inbound: &Inbound,
 ) -> Result<Sidecar, InvalidAnnotations> {
     let resources = resources(settings, overrides)?;
     Ok(Sidecar {
         init: init_container(settings, overrides, resources.clone()),
-        proxy: proxy_container(settings, overrides, plaintext, resources),
+        proxy: proxy_container(settings, overrides, inbound, resources),
         volumes: volumes(),
     })
 }
@@ -226,7 +240,7 @@ fn admin_probe(path: &str, period_seconds: i32, failure_threshold: Option<i32>) 
 fn proxy_container(
     settings: &Settings,
     overrides: &Overrides,
-    plaintext: &PortList,
+    inbound: &Inbound,
     resources: ResourceRequirements,
 ) -> Container {
     let log = overrides
@@ -247,11 +261,19 @@ fn proxy_container(
         env("TRELLIS_LOG", log),
     ];
     // With identity on, the proxy refuses plaintext inbound elsewhere, kubelet probes included.
-    if !plaintext.is_empty() {
+    if !inbound.plaintext.is_empty() {
         env_vars.push(env(
             "TRELLIS_INBOUND_PLAINTEXT_PORTS",
-            plaintext.to_string(),
+            inbound.plaintext.to_string(),
         ));
+    }
+    if let Some(ports) = &inbound.ports {
+        env_vars.push(env(INBOUND_PORTS_ENV, ports.to_string()));
+    }
+    if !inbound.app_probes.is_empty() {
+        // A BTreeMap of plain strings and numbers always serializes.
+        let json = serde_json::to_string(&inbound.app_probes).unwrap_or_default();
+        env_vars.push(env(APP_PROBES_ENV, json));
     }
     Container {
         name: PROXY_CONTAINER.to_string(),

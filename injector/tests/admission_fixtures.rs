@@ -122,6 +122,21 @@ fn set_env(container: &mut Value, name: &str, value: &str) {
     }
 }
 
+/// The proxy's plaintext list set to `plaintext` (in its place, before the inbound ports) and
+/// its inbound ports to `inbound`.
+fn set_plaintext(p: &mut Value, plaintext: &str, inbound: &str) {
+    set_env(proxy(p), "TRELLIS_INBOUND_PORTS", inbound);
+    let env = proxy(p)["env"].as_array_mut().unwrap();
+    let at = env
+        .iter()
+        .position(|e| e["name"] == "TRELLIS_INBOUND_PORTS")
+        .unwrap();
+    env.insert(
+        at,
+        json!({"name": "TRELLIS_INBOUND_PLAINTEXT_PORTS", "value": plaintext}),
+    );
+}
+
 #[test]
 fn each_good_annotation() {
     type Edit = Box<dyn Fn(&mut Value)>;
@@ -143,26 +158,40 @@ fn each_good_annotation() {
         (("trellis.dev/skip-outbound-ports", ""), Box::new(|_| {})),
         (
             ("trellis.dev/inbound-plaintext-ports", "15000-15010, 443"),
-            Box::new(|p| {
-                set_env(
-                    proxy(p),
-                    "TRELLIS_INBOUND_PLAINTEXT_PORTS",
-                    "443,8080,15000-15010",
-                )
-            }),
+            Box::new(|p| set_plaintext(p, "443,15000-15010", "443,8080,15000-15010")),
         ),
-        // The probe port already opens it.
         (
             ("trellis.dev/inbound-plaintext-ports", "8080"),
-            Box::new(|_| {}),
+            Box::new(|p| set_plaintext(p, "8080", "8080")),
         ),
         (
             ("trellis.dev/inbound-plaintext-ports", "8000-8100"),
-            Box::new(|p| set_env(proxy(p), "TRELLIS_INBOUND_PLAINTEXT_PORTS", "8000-8100")),
+            Box::new(|p| set_plaintext(p, "8000-8100", "8000-8100")),
         ),
         (
             ("trellis.dev/inbound-plaintext-ports", ""),
             Box::new(|_| {}),
+        ),
+        (
+            ("trellis.dev/inbound-ports", "9000-9100, 8443"),
+            Box::new(|p| set_env(proxy(p), "TRELLIS_INBOUND_PORTS", "8080,8443,9000-9100")),
+        ),
+        (("trellis.dev/inbound-ports", ""), Box::new(|_| {})),
+        (("trellis.dev/rewrite-probes", "enabled"), Box::new(|_| {})),
+        (
+            ("trellis.dev/rewrite-probes", "disabled"),
+            Box::new(|p| {
+                // The probes as the pod wrote them, their port open to plaintext as before.
+                let original = plain_pod()["request"]["object"]["spec"]["containers"][0].clone();
+                for probe in ["readinessProbe", "livenessProbe"] {
+                    p["spec"]["containers"][0][probe] = original[probe].clone();
+                }
+                proxy(p)["env"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|e| e["name"] != "TRELLIS_APP_PROBES");
+                set_plaintext(p, "8080", "8080");
+            }),
         ),
         (
             ("trellis.dev/proxy-log-level", "debug"),
@@ -248,6 +277,21 @@ fn each_bad_annotation_denies_with_its_name_and_problem() {
             "trellis.dev/inbound-plaintext-ports",
             "9100-9000",
             "annotation trellis.dev/inbound-plaintext-ports: range \"9100-9000\" starts after it ends (write it as 9000-9100)",
+        ),
+        (
+            "trellis.dev/inbound-ports",
+            "8080,http",
+            "annotation trellis.dev/inbound-ports: \"http\" is not a port number",
+        ),
+        (
+            "trellis.dev/inbound-ports",
+            "0",
+            "annotation trellis.dev/inbound-ports: port 0 is not a valid port (use 1-65535)",
+        ),
+        (
+            "trellis.dev/rewrite-probes",
+            "false",
+            "annotation trellis.dev/rewrite-probes: \"false\" is not a valid value (use enabled or disabled)",
         ),
         (
             "trellis.dev/proxy-log-level",
@@ -352,62 +396,116 @@ fn with_probes(probes: Value) -> Value {
     review
 }
 
-fn plaintext_env(pod: &mut Value) -> Option<String> {
+fn env(pod: &mut Value, name: &str) -> Option<String> {
     proxy(pod)["env"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS")
+        .find(|e| e["name"] == name)
         .map(|e| e["value"].as_str().unwrap().to_string())
 }
 
 #[test]
-fn probe_ports_accept_plaintext() {
+fn probes_are_rewritten_to_the_admin_port() {
     let cases = [
         (
             "named httpGet port",
             json!({"readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}}),
-            Some("8080"),
+            json!({"catalog/readiness": {"kind": "http", "port": 8080, "path": "/ready"}}),
+            None,
+            "8080",
         ),
         (
-            "numeric httpGet port",
-            json!({"readinessProbe": {"httpGet": {"path": "/ready", "port": 8081}}}),
-            Some("8081"),
+            "numeric httpGet port, empty path, host and headers",
+            json!({"readinessProbe": {"httpGet": {"port": 8081, "host": "catalog.local",
+                   "httpHeaders": [{"name": "X-A", "value": "1"}]}}}),
+            json!({"catalog/readiness": {"kind": "http", "port": 8081, "path": "/",
+                   "host": "catalog.local", "headers": [{"name": "X-A", "value": "1"}]}}),
+            None,
+            "8080",
         ),
         (
             "tcpSocket",
             json!({"livenessProbe": {"tcpSocket": {"port": 9000}}}),
-            Some("9000"),
+            json!({"catalog/liveness": {"kind": "tcp", "port": 9000}}),
+            None,
+            "8080",
         ),
         (
             "grpc",
             json!({"startupProbe": {"grpc": {"port": 9090}}}),
-            Some("9090"),
+            json!({"catalog/startup": {"kind": "grpc", "port": 9090}}),
+            None,
+            "8080",
         ),
         (
-            "all three, sorted",
-            json!({
-                "startupProbe": {"grpc": {"port": 9090}},
-                "livenessProbe": {"tcpSocket": {"port": 9000}},
-                "readinessProbe": {"httpGet": {"port": "http"}},
-            }),
-            Some("8080,9000,9090"),
+            "HTTPS stays direct and plaintext",
+            json!({"readinessProbe": {"httpGet": {"port": 8443, "scheme": "HTTPS"}}}),
+            Value::Null,
+            Some("8443"),
+            "8080,8443",
+        ),
+        (
+            "tcpSocket with a host stays direct",
+            json!({"livenessProbe": {"tcpSocket": {"port": 9000, "host": "10.1.2.3"}}}),
+            Value::Null,
+            Some("9000"),
+            "8080,9000",
         ),
         (
             "exec probe",
             json!({"livenessProbe": {"exec": {"command": ["/bin/check"]}}}),
+            Value::Null,
             None,
+            "8080",
         ),
-        ("no probes", json!({}), None),
+        ("no probes", json!({}), Value::Null, None, "8080"),
     ];
-    for (name, probes, want) in cases {
-        let (response, pod) = answer(&with_probes(probes), SidecarMode::Native);
-        assert_eq!(response["allowed"], true, "{name}");
-        let mut pod = pod.expect("a patch");
-        assert_eq!(plaintext_env(&mut pod).as_deref(), want, "{name}");
+    for (name, probes, app_probes, plaintext, inbound) in cases {
+        for mode in [SidecarMode::Native, SidecarMode::Classic] {
+            let (response, pod) = answer(&with_probes(probes.clone()), mode);
+            assert_eq!(response["allowed"], true, "{name}");
+            let mut pod = pod.expect("a patch");
+            if mode == SidecarMode::Classic {
+                // The same checks with the proxy first among the containers.
+                let containers = pod["spec"]["containers"].as_array_mut().unwrap();
+                containers.swap(0, 1);
+                let proxy = containers.remove(1);
+                pod["spec"]["initContainers"] = json!([Value::Null, proxy]);
+            }
+            assert_eq!(
+                env(&mut pod, "TRELLIS_INBOUND_PLAINTEXT_PORTS").as_deref(),
+                plaintext,
+                "{name}"
+            );
+            assert_eq!(
+                env(&mut pod, "TRELLIS_INBOUND_PORTS").as_deref(),
+                Some(inbound),
+                "{name}"
+            );
+            let got = env(&mut pod, "TRELLIS_APP_PROBES")
+                .map(|json| serde_json::from_str::<Value>(&json).unwrap())
+                .unwrap_or(Value::Null);
+            assert_eq!(got, app_probes, "{name}");
+            // Every rewritten probe points at the admin port, the others are as written.
+            let app = &pod["spec"]["containers"][0];
+            for (field, probe) in probes.as_object().unwrap() {
+                let kind = field.trim_end_matches("Probe");
+                if app_probes.get(format!("catalog/{kind}")).is_some() {
+                    assert_eq!(
+                        app[field],
+                        json!({"httpGet": {"path": format!("/app-health/catalog/{kind}"),
+                                           "port": 4191, "scheme": "HTTP"}}),
+                        "{name}"
+                    );
+                } else {
+                    assert_eq!(&app[field], probe, "{name}");
+                }
+            }
+        }
     }
 
-    // Without probes, the pod is the golden one minus its probes and the variable.
+    // Without probes, the pod is the golden one minus its probes and the app probes.
     let (_, pod) = answer(&with_probes(json!({})), SidecarMode::Native);
     let mut want = read_json("expected/plain-pod.native.json");
     let app = want["spec"]["containers"][0].as_object_mut().unwrap();
@@ -415,7 +513,7 @@ fn probe_ports_accept_plaintext() {
     proxy(&mut want)["env"]
         .as_array_mut()
         .unwrap()
-        .retain(|e| e["name"] != "TRELLIS_INBOUND_PLAINTEXT_PORTS");
+        .retain(|e| e["name"] != "TRELLIS_APP_PROBES");
     assert_eq!(pod, Some(want));
 }
 

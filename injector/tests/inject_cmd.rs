@@ -134,12 +134,12 @@ fn every_workload_kind() {
             .iter()
             .any(|e| e["name"] == "TRELLIS_LOG" && e["value"] == "debug")
     );
-    // Its probe port accepts the kubelet's plaintext.
-    assert!(
-        env.as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "TRELLIS_INBOUND_PLAINTEXT_PORTS" && e["value"] == "8080")
+    // Its probe goes through the proxy's admin port, and its port stays mutual-TLS-only.
+    let has = |name: &str| env.as_array().unwrap().iter().any(|e| e["name"] == name);
+    assert!(has("TRELLIS_APP_PROBES") && !has("TRELLIS_INBOUND_PLAINTEXT_PORTS"));
+    assert_eq!(
+        web["containers"][0]["readinessProbe"]["httpGet"]["path"],
+        "/app-health/web/readiness"
     );
     assert_eq!(web["initContainers"][0]["env"][0]["value"], "5432");
     // Strings that look like other YAML types stay strings.
