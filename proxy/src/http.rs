@@ -196,6 +196,26 @@ pub fn from_upstream(res: Response<hyper::body::Incoming>) -> Response<Body> {
     Response::from_parts(parts, incoming(body))
 }
 
+/// Reads and throws away at most `limit` bytes of `body` within a second, so that a small
+/// answer nobody needs leaves its connection reusable; a larger or slower one is dropped,
+/// which closes its stream or connection instead.
+pub async fn discard<B: hyper::body::Body + Unpin>(mut body: B, limit: usize) {
+    let read = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                seen += bytes::Buf::remaining(d);
+                if seen > limit {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, read).await;
+}
+
+const DISCARD_TIME: Duration = Duration::from_secs(1);
+
 /// Whether a request is a gRPC call, whose errors are gRPC statuses rather than HTTP ones.
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use tokio::net::{TcpListener, TcpStream};
 use trellis_api::Identity;
@@ -19,13 +19,16 @@ use trellis_api::matching::RequestHead;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::{DirectionLabels, MirrorLabels, RequestCache, RequestLabels};
+use crate::metrics::{DirectionLabels, RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::proxy::Proxy;
 use crate::{listen, tcp};
 use trellis_api::filters::CompiledHeaderModifier;
 
 const DIRECTION: &str = "outbound";
+/// The most of a retried error response read (and thrown away) so its connection can be
+/// reused; a longer one is dropped with its connection.
+const DISCARD_LIMIT: usize = 64 * 1024;
 
 /// Accepts outbound connections until shutdown.
 pub async fn serve(proxy: Arc<Proxy>, listeners: Vec<TcpListener>) {
@@ -337,7 +340,7 @@ async fn route(
     let req = if mirrors.is_empty() {
         req.map(h::incoming)
     } else {
-        mirror(proxy, req, &mirrors).await
+        crate::mirror::start(proxy, req, &mirrors)
     };
     let Some(backend) = rule.backends.pick() else {
         return h::local(
@@ -394,85 +397,9 @@ fn apply_response_filters(rule: &Rule, backend: Option<&Backend>, res: &mut Resp
     }
 }
 
-/// Sends copies of the request to mirrors; the client's request goes on unchanged. Bodies are
-/// buffered up to a limit so both can be sent; larger requests are not mirrored.
-async fn mirror(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> Request<Body> {
-    let limit = proxy.config.args.mirror_max_body_bytes;
-    let small = req.body().is_end_stream()
-        || req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            .is_some_and(|n| n <= limit);
-    let (parts, body) = req.into_parts();
-    if !small {
-        proxy
-            .metrics
-            .mirrors
-            .get_or_create(&MirrorLabels { result: "skipped" })
-            .inc();
-        return Request::from_parts(parts, h::incoming(body));
-    }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e) => {
-            // The body broke or lied about its length: the client's request is lost too.
-            tracing::debug!(error = %e, "request body failed while buffering it for a mirror");
-            Bytes::new()
-        }
-    };
-    for backend in mirrors {
-        let Target::Service {
-            balancer, http2, ..
-        } = &backend.target
-        else {
-            continue;
-        };
-        let Some(ep) = balancer.pick() else {
-            proxy
-                .metrics
-                .mirrors
-                .get_or_create(&MirrorLabels { result: "failed" })
-                .inc();
-            continue;
-        };
-        let meshed = ep.identity.is_some();
-        let Ok(copy) = build_upstream(
-            &parts,
-            parts.headers.clone(),
-            h::full(bytes.clone()),
-            &ep.authority,
-            meshed,
-            backend.request_headers.as_ref(),
-        ) else {
-            continue;
-        };
-        let (upstream, metrics, http2) = (
-            proxy.upstream.clone(),
-            proxy.metrics.clone(),
-            *http2 || meshed,
-        );
-        tokio::spawn(async move {
-            let result = match upstream.send(copy, http2).await {
-                Ok(res) => {
-                    // Drain so the connection can be reused; the answer itself is ignored.
-                    let _ = res.into_body().collect().await;
-                    "sent"
-                }
-                Err(_) => "failed",
-            };
-            metrics
-                .mirrors
-                .get_or_create(&MirrorLabels { result })
-                .inc();
-        });
-    }
-    Request::from_parts(parts, h::full(bytes))
-}
-
 /// The request for one attempt to `authority`, with the backend's request filters applied.
 /// `headers` are the client's, cloned by the caller only when another attempt may need them.
-fn build_upstream(
+pub(crate) fn build_upstream(
     parts: &http::request::Parts,
     headers: HeaderMap,
     body: Body,
@@ -609,7 +536,7 @@ async fn send_to_service(
             Ok(res) => {
                 let code = res.status().as_u16();
                 if retryable && retry.is_some_and(|r| r.codes.contains(&code)) {
-                    let _ = res.into_body().collect().await;
+                    h::discard(res.into_body(), DISCARD_LIMIT).await;
                 } else {
                     return h::from_upstream(res);
                 }

@@ -24,6 +24,8 @@ pub struct Proxy {
     /// Held by every HTTP connection, so shutdown can wait for them to drain.
     pub drain: Drain,
     pub shutdown: Shutdown,
+    /// Mirror copies in flight; see [`crate::mirror`].
+    pub mirror_permits: Arc<tokio::sync::Semaphore>,
     /// The empty label value, shared so that requests without a route clone a pointer.
     pub empty_label: Arc<str>,
 }

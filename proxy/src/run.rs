@@ -149,6 +149,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let (drain, mut drained) = Drain::new();
     let (stop, shutdown) = Shutdown::new();
     let grace = config.args.shutdown_grace;
+    let mirror_permits = Arc::new(tokio::sync::Semaphore::new(
+        config.args.mirror_max_in_flight,
+    ));
     let proxy = Arc::new(Proxy {
         config,
         discovery: discovery.clone(),
@@ -158,6 +161,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         drain,
         shutdown: shutdown.clone(),
+        mirror_permits,
         empty_label: Arc::from(""),
     });
 
