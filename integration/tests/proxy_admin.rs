@@ -7,7 +7,7 @@
 mod proxy_discovery_support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,7 +26,9 @@ use tokio::task::JoinHandle;
 use trellis_integration::manifests::SERVICE;
 use trellis_integration::{Controller, empty, http1_client, http2_client};
 use trellis_proxy::admin::{self, AdminState, OPENMETRICS_TEXT, PROMETHEUS_TEXT};
+use trellis_proxy::app::App;
 use trellis_proxy::discovery::{Discovery, Subscription};
+use trellis_proxy::probes::{self, AppHealth};
 
 /// Accept header of a Prometheus server, which prefers OpenMetrics.
 const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
@@ -78,6 +80,14 @@ async fn start() -> Admin {
         Info::new(vec![("version".to_string(), "0.1.0".to_string())]),
     );
 
+    // No app probes here: proxy_admin_security.rs tests them.
+    let app_health = AppHealth::new(
+        Default::default(),
+        App::at(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        probes::DEFAULT_TIMEOUT,
+        &mut registry,
+    );
+
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ready = Arc::new(AtomicBool::new(false));
@@ -86,6 +96,9 @@ async fn start() -> Admin {
         registry: Arc::new(registry),
         ready: ready.clone(),
         discovery: discovery.clone(),
+        credentials: None,
+        app_health: Arc::new(app_health),
+        config_public: false,
     };
     let task = tokio::spawn(admin::serve(listener, state, async {
         let _ = stopped.await;

@@ -1,19 +1,24 @@
-//! The admin server (port 4191): metrics for Prometheus, probes for the kubelet, and the
-//! discovery state for people debugging routing.
+//! The admin server (port 4191): metrics for Prometheus, probes for the kubelet, the app's own
+//! probes checked on the kubelet's behalf, and the discovery state for people debugging routing.
 //!
 //! | route | answer |
 //! |---|---|
 //! | `GET /metrics` | Prometheus text format 0.0.4, or OpenMetrics 1.0 when `Accept` prefers it |
-//! | `GET /ready` | 200 `ready` once the proxy serves traffic, else 503 `not ready` |
+//! | `GET /ready` | 200 `ready` once the proxy serves traffic with a valid certificate, else 503 and why |
 //! | `GET /live` | 200 `live` while the process answers |
-//! | `GET /config` | JSON: the namespace and every followed destination's snapshot |
+//! | `GET /app-health/<container>/<probe>` | the app's original probe, checked now: 200 or 503 and why |
+//! | `GET /config` | JSON: the namespace and every followed destination's snapshot; loopback clients only unless `--admin-config-public` |
 //!
 //! Other paths answer 404, other methods 405. HTTP/1.1 and HTTP/2 (prior knowledge) share the
-//! port.
+//! port. The port is open to the pod network (the kubelet and Prometheus reach it there), so
+//! what would tell another pod about the mesh (`/config`: every destination, endpoint, identity
+//! and header value) is kept to clients inside the pod: `kubectl port-forward` and
+//! `kubectl exec` arrive on loopback.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,8 +32,11 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use trellis_api::probes::APP_HEALTH_PREFIX;
+use trellis_tls::Credentials;
 
 use crate::discovery::Discovery;
+use crate::probes::AppHealth;
 
 /// Content type of the Prometheus text format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -49,6 +57,13 @@ pub struct AdminState {
     /// Set once the listeners serve; cleared when draining so that the pod leaves endpoints.
     pub ready: Arc<AtomicBool>,
     pub discovery: Discovery,
+    /// With identity on, the workload certificate: `/ready` needs one that is valid now, since
+    /// peers refuse an expired one and the pod must leave its Services' endpoints.
+    pub credentials: Option<Arc<Credentials>>,
+    /// The app's probes, checked at `/app-health/...`.
+    pub app_health: Arc<AppHealth>,
+    /// Serve `/config` to every client, not only loopback ones (`--admin-config-public`).
+    pub config_public: bool,
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, then stops accepting and
@@ -83,10 +98,14 @@ pub async fn serve(
                 }
             },
         };
+        // Both ends on loopback: a client inside the pod. The local address matters too: the
+        // sidecar's own deliveries leave from 127.0.0.6 towards the pod IP.
+        let local = stream.local_addr().ok();
+        let inside = is_loopback(peer.ip()) && local.is_some_and(|l| is_loopback(l.ip()));
         let state = state.clone();
         let service = service_fn(move |req| {
-            let response = handle(&req, &state);
-            async move { Ok::<_, Infallible>(response) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(&req, &state, inside).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -108,9 +127,20 @@ pub async fn serve(
     Ok(())
 }
 
-fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
+/// Whether `ip` is a loopback address, IPv4-mapped ones included (a dual-stack listener).
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
+async fn handle<B>(req: &Request<B>, state: &AdminState, inside: bool) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    if !matches!(path, "/metrics" | "/ready" | "/live" | "/config") {
+    let app_health = path.strip_prefix(APP_HEALTH_PREFIX);
+    if !matches!(path, "/metrics" | "/ready" | "/live" | "/config") && app_health.is_none() {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
     if req.method() != Method::GET {
@@ -120,6 +150,13 @@ fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return response;
     }
+    if let Some(key) = app_health {
+        return match state.app_health.check(key).await {
+            None => owned_text(StatusCode::NOT_FOUND, format!("no app probe {key:?}\n")),
+            Some(Ok(what)) => owned_text(StatusCode::OK, format!("ok: {what}\n")),
+            Some(Err(e)) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("{key}: {e}\n")),
+        };
+    }
     match path {
         "/metrics" => {
             let accept = req
@@ -128,11 +165,35 @@ fn handle<B>(req: &Request<B>, state: &AdminState) -> Response<Full<Bytes>> {
                 .and_then(|v| v.to_str().ok());
             metrics(&state.registry, accept.is_some_and(prefers_openmetrics))
         }
-        "/ready" if state.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
-        "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ready" => ready(state),
         "/live" => text(StatusCode::OK, "live\n"),
+        _ if !inside && !state.config_public => text(
+            StatusCode::FORBIDDEN,
+            "/config is served to clients inside the pod only (kubectl port-forward, kubectl exec); \
+             --admin-config-public serves it to every client\n",
+        ),
         _ => config(&state.discovery),
     }
+}
+
+/// 200 while the proxy serves traffic and, with identity on, holds a certificate peers accept.
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if !state.ready.load(Ordering::Acquire) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+    }
+    match state.credentials.as_ref().map(|c| c.state()) {
+        Some(cert) if !cert.is_valid() => owned_text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {cert}\n"),
+        ),
+        _ => text(StatusCode::OK, "ready\n"),
+    }
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = text(status, "");
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -295,6 +356,16 @@ fn without_exemplar(line: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_clients() {
+        for ip in ["127.0.0.1", "127.0.0.6", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.0.0.1", "::ffff:10.0.0.1", "fd00::1", "0.0.0.0"] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
 
     #[test]
     fn accept_negotiation() {

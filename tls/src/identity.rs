@@ -3,7 +3,9 @@
 //! certificate's lifetime.
 //!
 //! The key never leaves the process. While identity is unreachable the current certificate
-//! keeps serving; renewal retries with backoff until it succeeds or the certificate expires.
+//! keeps serving; renewal retries with backoff until it succeeds. Once the certificate has
+//! expired, `trellis_identity_certificate_valid` drops to 0 (and the proxy reports not-ready):
+//! peers refuse an expired certificate, so the pod must leave its Services' endpoints.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,15 +16,17 @@ use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use trellis_api::Identity;
 use trellis_api::certify::{CERTIFY_PATH, CertifyError, CertifyRequest, CertifyResponse};
 
-use crate::mesh::MeshTls;
+use crate::mesh::{Credentials, MeshTls};
 
 /// Where identity is and how to prove who this pod is.
 #[derive(Clone, Debug)]
@@ -86,6 +90,7 @@ pub fn start(
         "Failed attempts to obtain a certificate",
         metrics.failures.clone(),
     );
+    registry.register_collector(Box::new(CertificateValid(tls.credentials.clone())));
     async move {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -109,6 +114,24 @@ pub fn start(
                 }
             }
         }
+    }
+}
+
+/// `trellis_identity_certificate_valid`, read from the credentials at each scrape: a gauge
+/// set by the renewal loop would lag behind an expiry that happens while the loop sleeps.
+#[derive(Debug)]
+struct CertificateValid(Arc<Credentials>);
+
+impl Collector for CertificateValid {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let gauge = ConstGauge::new(i64::from(self.0.state().is_valid()));
+        let metric = encoder.encode_descriptor(
+            "trellis_identity_certificate_valid",
+            "1 while the sidecar holds a certificate that is valid now, else 0",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 

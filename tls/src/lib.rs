@@ -9,4 +9,4 @@ pub mod identity;
 pub mod mesh;
 
 pub use identity::{CertifyFailure, IdentityConfig};
-pub use mesh::{ALPN_H2, Credentials, MeshTls, PeerClient, TlsError};
+pub use mesh::{ALPN_H2, CertificateState, Credentials, MeshTls, PeerClient, TlsError};

@@ -97,7 +97,57 @@ pub fn identity_of_cert(cert: &CertificateDer<'_>) -> Option<Identity> {
 #[derive(Debug)]
 pub struct Credentials {
     /// A watch rather than a lock so that a client can wait for the first certificate.
-    current: watch::Sender<Option<Arc<CertifiedKey>>>,
+    current: watch::Sender<Option<Installed>>,
+}
+
+/// A certificate in use, with its validity read from the leaf itself (not from what identity
+/// said about it), so that readiness follows what peers will accept.
+#[derive(Clone, Debug)]
+struct Installed {
+    key: Arc<CertifiedKey>,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Whether the workload holds a certificate peers accept now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateState {
+    /// No certificate yet: identity has not answered.
+    Missing,
+    /// The certificate's validity starts at this Unix time (a clock behind the CA's).
+    NotYetValid { not_before: i64 },
+    /// The certificate expired at this Unix time and has not been renewed.
+    Expired { not_after: i64 },
+    /// Valid until this Unix time.
+    Valid { not_after: i64 },
+}
+
+impl CertificateState {
+    pub fn is_valid(&self) -> bool {
+        matches!(self, CertificateState::Valid { .. })
+    }
+}
+
+impl std::fmt::Display for CertificateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertificateState::Missing => f.write_str("no workload certificate yet"),
+            CertificateState::NotYetValid { not_before } => write!(
+                f,
+                "the workload certificate is not valid before {not_before} (Unix time; is the clock behind?)"
+            ),
+            CertificateState::Expired { not_after } => write!(
+                f,
+                "the workload certificate expired at {not_after} (Unix time) and identity has not renewed it"
+            ),
+            CertificateState::Valid { not_after } => {
+                write!(
+                    f,
+                    "the workload certificate is valid until {not_after} (Unix time)"
+                )
+            }
+        }
+    }
 }
 
 impl Default for Credentials {
@@ -116,12 +166,26 @@ impl Credentials {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> Result<(), TlsError> {
+        let leaf = chain
+            .first()
+            .ok_or_else(|| TlsError::Credentials("the chain is empty".to_string()))?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| TlsError::Credentials(format!("the certificate does not parse: {e}")))?;
+        let validity = parsed.validity();
+        let (not_before, not_after) = (
+            validity.not_before.timestamp(),
+            validity.not_after.timestamp(),
+        );
         let signer = provider
             .key_provider
             .load_private_key(key)
             .map_err(|e| TlsError::Credentials(e.to_string()))?;
         let certified = CertifiedKey::new(chain, signer);
-        self.current.send_replace(Some(Arc::new(certified)));
+        self.current.send_replace(Some(Installed {
+            key: Arc::new(certified),
+            not_before,
+            not_after,
+        }));
         Ok(())
     }
 
@@ -132,8 +196,33 @@ impl Credentials {
         let _ = self.current.subscribe().wait_for(Option::is_some).await;
     }
 
+    /// The state of the current certificate at Unix time `now`.
+    pub fn state_at(&self, now: i64) -> CertificateState {
+        match &*self.current.borrow() {
+            None => CertificateState::Missing,
+            Some(c) if now < c.not_before => CertificateState::NotYetValid {
+                not_before: c.not_before,
+            },
+            // X.509's notAfter is the last valid second, as webpki counts it.
+            Some(c) if now > c.not_after => CertificateState::Expired {
+                not_after: c.not_after,
+            },
+            Some(c) => CertificateState::Valid {
+                not_after: c.not_after,
+            },
+        }
+    }
+
+    /// The state of the current certificate now.
+    pub fn state(&self) -> CertificateState {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.state_at(now)
+    }
+
     fn get(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.borrow().clone()
+        self.current.borrow().as_ref().map(|c| c.key.clone())
     }
 }
 

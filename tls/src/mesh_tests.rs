@@ -296,3 +296,37 @@ async fn certified_waits_for_the_first_certificate() {
     tls.credentials.set(&tls.provider, chain, key).unwrap();
     assert!(tokio::time::timeout(wait, client.certified()).await.is_ok());
 }
+
+#[test]
+fn the_certificate_state_follows_the_leafs_own_validity() {
+    let ca = Ca::new();
+    let tls = MeshTls::new(&ca.pem(), TD).unwrap();
+    assert_eq!(tls.credentials.state(), CertificateState::Missing);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::URI(id("a", "b").to_string().try_into().unwrap())];
+    params.not_before = rcgen::date_time_ymd(2030, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2030, 1, 2);
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    tls.credentials
+        .set(&tls.provider, vec![cert.der().clone()], der)
+        .unwrap();
+    // 2030-01-01T00:00:00Z and 2030-01-02T00:00:00Z.
+    let (start, end) = (1_893_456_000, 1_893_542_400);
+    let c = &tls.credentials;
+    assert_eq!(
+        c.state_at(start - 1),
+        CertificateState::NotYetValid { not_before: start }
+    );
+    assert_eq!(
+        c.state_at(start),
+        CertificateState::Valid { not_after: end }
+    );
+    assert_eq!(c.state_at(end), CertificateState::Valid { not_after: end });
+    assert_eq!(
+        c.state_at(end + 1),
+        CertificateState::Expired { not_after: end }
+    );
+    assert!(!c.state_at(end + 1).is_valid());
+}
