@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use trellis_injector::admission;
 use trellis_injector::annotations::Quantity;
 use trellis_injector::cert::{self, Resolver};
-use trellis_injector::config::{Settings, SidecarMode};
+use trellis_injector::config::{ReviewLimits, Settings, SidecarMode};
 use trellis_injector::metrics::Metrics;
 use trellis_injector::webhook::{self, Webhook};
 
@@ -90,10 +90,11 @@ async fn https_client() -> Sender {
     let resolver = Resolver::new(cert::certified_key(&serving.cert_pem, &serving.key_pem).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    let hook = Arc::new(Webhook {
-        settings: settings(),
-        metrics: Metrics::new(),
-    });
+    let hook = Arc::new(Webhook::new(
+        settings(),
+        Metrics::new(),
+        ReviewLimits::default(),
+    ));
     let tls = Arc::new(cert::server_config(resolver).unwrap());
     tokio::spawn(webhook::serve(listener, tls, hook, std::future::pending()));
 

@@ -314,6 +314,7 @@ pub fn error(status: StatusCode, uid: String, message: String) -> Reply {
     let reason = match status {
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::SERVICE_UNAVAILABLE => "overloaded",
         _ => "malformed",
     };
     reply(

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -266,9 +267,49 @@ pub struct ServeArgs {
     )]
     pub tls_key_file: Option<PathBuf>,
 
+    /// Reviews read and answered at once; each holds up to 3 MiB of body and its parsed pod.
+    #[arg(long, env = "TRELLIS_MAX_CONCURRENT_REVIEWS", default_value_t = 4)]
+    pub max_concurrent_reviews: usize,
+
+    /// How long a review beyond --max-concurrent-reviews waits for its turn before it is
+    /// answered 503 (`500ms`, `3s`); well under the webhook's timeoutSeconds.
+    #[arg(long, env = "TRELLIS_REVIEW_QUEUE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub review_queue_timeout: Duration,
+
     /// Log filter, e.g. `info` or `info,trellis_injector=debug`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log_level: String,
+}
+
+/// `250ms`, `3s` or `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 3s, 1m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?} is not a duration (examples: 500ms, 3s, 1m)")),
+    }
+}
+
+/// How many reviews the webhook works on at once, and how long the rest wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReviewLimits {
+    pub max_concurrent: usize,
+    pub queue_timeout: Duration,
+}
+
+impl Default for ReviewLimits {
+    fn default() -> Self {
+        ReviewLimits {
+            max_concurrent: 4,
+            queue_timeout: Duration::from_secs(3),
+        }
+    }
 }
 
 /// Where the serving certificate comes from.
@@ -292,11 +333,19 @@ pub struct ServeConfig {
     pub webhook_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls: TlsSource,
+    pub limits: ReviewLimits,
 }
 
 impl ServeArgs {
     pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
         let settings = self.injection.validate()?;
+        if self.max_concurrent_reviews == 0 {
+            return Err(invalid("max-concurrent-reviews", "must be at least 1"));
+        }
+        let limits = ReviewLimits {
+            max_concurrent: self.max_concurrent_reviews,
+            queue_timeout: self.review_queue_timeout,
+        };
         let tls = match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(cert), Some(key)) => TlsSource::Files {
                 cert: cert.clone(),
@@ -336,6 +385,7 @@ impl ServeArgs {
             webhook_addr: self.webhook_addr,
             admin_addr: self.admin_addr,
             tls,
+            limits,
         })
     }
 }

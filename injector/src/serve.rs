@@ -134,10 +134,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> any
         config.settings.sidecar_mode,
         config.settings.proxy_image
     );
-    let webhook = Arc::new(Webhook {
-        settings: config.settings,
-        metrics,
-    });
+    let webhook = Arc::new(Webhook::new(config.settings, metrics, config.limits));
     admin.set_ready(true);
     let admin_for_shutdown = admin.clone();
     webhook::serve(listener, tls, webhook, async move {

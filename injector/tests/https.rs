@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use trellis_injector::admin::{self, Admin};
 use trellis_injector::cert::{self, Resolver, ServingCert};
-use trellis_injector::config::{ServeConfig, SidecarMode, TlsSource};
+use trellis_injector::config::{ReviewLimits, ServeConfig, SidecarMode, TlsSource};
 use trellis_injector::metrics::Metrics;
 use trellis_injector::serve;
 use trellis_injector::webhook::{self, Webhook};
@@ -48,10 +48,11 @@ async fn start_webhook(serving: &ServingCert) -> (SocketAddr, Metrics, oneshot::
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = Metrics::new();
-    let hook = Arc::new(Webhook {
-        settings: settings(SidecarMode::Native),
-        metrics: metrics.clone(),
-    });
+    let hook = Arc::new(Webhook::new(
+        settings(SidecarMode::Native),
+        metrics.clone(),
+        ReviewLimits::default(),
+    ));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(webhook::serve(listener, tls, hook, async {
         let _ = stopped.await;
@@ -319,6 +320,7 @@ async fn serve_with_certificate_files() {
             cert: cert_file,
             key: key_file,
         },
+        limits: ReviewLimits::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(serve::run(config, async {
@@ -375,6 +377,7 @@ async fn serve_refuses_unusable_certificate_files() {
             cert: cert_file,
             key: key_file,
         },
+        limits: ReviewLimits::default(),
     };
     let error = serve::run(config, std::future::pending())
         .await
