@@ -38,7 +38,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -283,6 +283,10 @@ pub struct PodSpec {
     pub http_ports: Vec<u16>,
     /// Ports where `trellis-echo` greets (`hello from <pod> ...`) and echoes TCP bytes.
     pub tcp_ports: Vec<u16>,
+    /// Ports where `trellis-echo` answers HTTP on 127.0.0.1 only (not declared: a debug port).
+    pub local_http_ports: Vec<u16>,
+    /// Whether the pod has an IPv6 address beside its IPv4 one (dual-stack, the default).
+    pub ipv6: bool,
     /// More `trellis-proxy run` flags.
     pub proxy_flags: Vec<String>,
 }
@@ -296,6 +300,8 @@ impl PodSpec {
             meshed: true,
             http_ports: Vec::new(),
             tcp_ports: Vec::new(),
+            local_http_ports: Vec::new(),
+            ipv6: true,
             proxy_flags: Vec::new(),
         }
     }
@@ -315,6 +321,18 @@ impl PodSpec {
 
     pub fn tcp(mut self, port: u16) -> PodSpec {
         self.tcp_ports.push(port);
+        self
+    }
+
+    /// An HTTP echo bound to 127.0.0.1 only, like a debug or admin listener of an app.
+    pub fn local_http(mut self, port: u16) -> PodSpec {
+        self.local_http_ports.push(port);
+        self
+    }
+
+    /// A pod of an IPv4-only cluster: no IPv6 address, and `init` told so.
+    pub fn ipv4_only(mut self) -> PodSpec {
+        self.ipv6 = false;
         self
     }
 
@@ -402,6 +420,8 @@ pub struct TcpReply {
 pub struct Pod {
     pub spec: PodSpec,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, when it has one.
+    pub ip6: Option<Ipv6Addr>,
     pub proxy: Option<Process>,
     pub app: Option<Process>,
     // Dropped after the processes.
@@ -660,6 +680,15 @@ impl Mesh {
         let node = Netns::add(&format!("b{block}-node"));
         node.ip(&["link", "add", "br0", "type", "bridge"]);
         node.ip(&["addr", "add", &format!("10.213.{block}.1/24"), "dev", "br0"]);
+        node.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node_ip6(block)),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         node.ip(&["link", "set", "br0", "up"]);
         let control = Netns::add(&format!("b{block}-control"));
         attach(&node, &control, 0, Ipv4Addr::new(10, 213, block, 2), block);
@@ -720,10 +749,32 @@ impl Mesh {
         for (i, (pod, ip)) in spec.pods.into_iter().zip(ips).enumerate() {
             let netns = Netns::add(&format!("b{block}-{}", pod.name));
             attach(&mesh.node, &netns, i + 1, ip, block);
+            let ip6 = pod.ipv6.then(|| {
+                let ip6 = pod_ip6(block, ip.octets()[3]);
+                netns.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{ip6}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &node_ip6(block).to_string(),
+                ]);
+                ip6
+            });
             netns.write_hosts(&mesh.hosts_for(&pod.namespace));
             mesh.pods.push(Pod {
                 spec: pod,
                 ip,
+                ip6,
                 proxy: None,
                 app: None,
                 netns,
@@ -738,15 +789,24 @@ impl Mesh {
             if !mesh.pods[i].spec.meshed {
                 continue;
             }
-            let mut init = mesh.pods[i].netns.command(0, &proxy);
-            init.arg("init");
+            // As the injector passes `status.podIPs`.
+            let pod = &mesh.pods[i];
+            let pod_ips = match pod.ip6 {
+                Some(ip6) => format!("{},{ip6}", pod.ip),
+                None => pod.ip.to_string(),
+            };
+            let mut init = pod.netns.command(0, &proxy);
+            init.args(["init", "--pod-ips", &pod_ips]);
             run(init);
             let cmd = mesh.proxy_command(&mesh.pods[i]);
             mesh.pods[i].proxy = Some(Process::spawn(cmd));
         }
         let echo = binary("trellis-echo");
         for pod in &mut mesh.pods {
-            if pod.spec.http_ports.is_empty() && pod.spec.tcp_ports.is_empty() {
+            if pod.spec.http_ports.is_empty()
+                && pod.spec.tcp_ports.is_empty()
+                && pod.spec.local_http_ports.is_empty()
+            {
                 continue;
             }
             let mut cmd = pod.netns.command(0, &echo);
@@ -756,6 +816,9 @@ impl Mesh {
             }
             for port in &pod.spec.tcp_ports {
                 cmd.args(["--tcp", &port.to_string()]);
+            }
+            for port in &pod.spec.local_http_ports {
+                cmd.args(["--local-http", &port.to_string()]);
             }
             pod.app = Some(Process::spawn(cmd));
         }
@@ -802,7 +865,7 @@ impl Mesh {
             .args(["--outbound-addr", "127.0.0.1:4140"])
             .args(["--inbound-addr", "0.0.0.0:4143"])
             .args(["--admin-addr", "0.0.0.0:4191"])
-            .args(["--app-host", "127.0.0.1"])
+            .args(["--pod-ip", &pod.ip.to_string()])
             .args(["--controller-addr", &self.controller_addr().to_string()])
             .args(["--namespace", &spec.namespace])
             .args(["--pod-name", &spec.name])
@@ -813,6 +876,15 @@ impl Mesh {
             .arg(t.join(format!("token-{}-{}", spec.namespace, spec.service_account)))
             .args(["--service-account", &spec.service_account])
             .args(&spec.proxy_flags)
+            // As the injector sets it: the ports the pod's containers declare.
+            .args(if spec.proxy_flags.iter().any(|f| f == "--inbound-ports") {
+                Vec::new()
+            } else {
+                let declared: Vec<String> = (spec.http_ports.iter().chain(&spec.tcp_ports))
+                    .map(u16::to_string)
+                    .collect();
+                vec!["--inbound-ports".to_string(), declared.join(",")]
+            })
             .env("TRELLIS_LOG", "info")
             // Plain log lines: the sidecar colours its log unless told not to.
             .env("NO_COLOR", "1");
@@ -945,8 +1017,12 @@ impl Mesh {
             } else {
                 ""
             };
+            let ip6 = match pod.ipv6 {
+                true => format!(", {{ip: \"{}\"}}", pod_ip6(self.block, ip.octets()[3])),
+                false => String::new(),
+            };
             out += &format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{app: {}}}{annotations}}}\nspec: {{serviceAccountName: {}, containers: [{{name: app, image: trellis-echo}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n",
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {{app: {}}}{annotations}}}\nspec: {{serviceAccountName: {}, containers: [{{name: app, image: trellis-echo}}]}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}{ip6}]}}\n",
                 pod.name, pod.namespace, pod.name, pod.service_account
             );
         }
@@ -1017,6 +1093,16 @@ impl Drop for Mesh {
         // Processes first (fields drop in order: pods, controller, identity), then the
         // namespaces: control, node (with the bridge and the node ends of the veths).
     }
+}
+
+/// The node's IPv6 address on the bridge: `fd13:<block>::1`.
+fn node_ip6(block: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd13, u16::from(block), 0, 0, 0, 0, 0, 1)
+}
+
+/// A pod's IPv6 address: `fd13:<block>::<last octet of its IPv4 address>`.
+fn pod_ip6(block: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd13, u16::from(block), 0, 0, 0, 0, 0, u16::from(host))
 }
 
 /// Joins `ns` to the node's bridge with a veth pair (`eth0` in the pod, `v<n>` on the node),

@@ -97,12 +97,13 @@ fn mutual_tls_between_pods_in_network_namespaces() {
     assert_eq!(seen.header("trellis-client-id").as_deref(), Some(CLIENT_ID));
 
     // Opaque TCP (5432 is a server-speaks-first port) through the pair: the app's peer is
-    // its own sidecar, on loopback.
+    // its own sidecar, delivering to the pod IP from the dedicated source address.
     let tcp = client.tcp("server.mesh:5432", "bytes over mutual TLS");
     assert_eq!(tcp.error, None, "{tcp:?}");
     assert!(
-        tcp.greeting
-            .starts_with("hello from server-0 to 127.0.0.1:5432 from 127.0.0.1:"),
+        tcp.greeting.starts_with(&format!(
+            "hello from server-0 to {server_ip}:5432 from 127.0.0.6:"
+        )),
         "{tcp:?}"
     );
     assert_eq!(tcp.echo, "bytes over mutual TLS");

@@ -42,6 +42,7 @@ pub fn main(args: Args) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::debug!(?config, "settings");
+    raise_fd_limit();
 
     let runtime = if config.args.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -61,6 +62,20 @@ pub fn main(args: Args) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: every connection costs a descriptor on
+/// each side of the proxy, and a default soft limit of 1024 would cap the sidecar far below
+/// `--max-connections`.
+pub fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the limit on open files");
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Test-only app for the network-namespace end-to-end tests: `trellis_integration::Echo` on
 //! every `--http PORT` (answers HTTP/1.1 and HTTP/2 with what it saw, as JSON) and a TCP echo
 //! on every `--tcp PORT` (first a line `hello from POD to LOCAL from PEER`, then every byte it
-//! receives, back). Listens on all addresses; runs until killed.
+//! receives, back). Listens on all addresses, but `--local-http PORT` on 127.0.0.1 only (an
+//! app's private debug port); runs until killed.
 //!
-//! `trellis-echo --pod NAME [--http PORT]... [--tcp PORT]...`
+//! `trellis-echo --pod NAME [--http PORT]... [--tcp PORT]... [--local-http PORT]...`
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test app fails loudly by design
 
@@ -17,6 +18,7 @@ use trellis_integration::Echo;
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut pod, mut http, mut tcp) = (String::from("echo"), Vec::new(), Vec::new());
+    let mut local_http = Vec::new();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -24,12 +26,21 @@ async fn main() {
             "--pod" => pod = value.clone(),
             "--http" => http.push(value.parse::<u16>().unwrap()),
             "--tcp" => tcp.push(value.parse::<u16>().unwrap()),
+            "--local-http" => local_http.push(value.parse::<u16>().unwrap()),
             other => panic!("unknown flag {other}"),
         }
     }
     let mut apps = Vec::new();
-    for port in http {
-        let app = Echo::start(SocketAddr::from(([0, 0, 0, 0], port)), &pod).await;
+    let addrs = http
+        .into_iter()
+        .map(|port| SocketAddr::from(([0, 0, 0, 0], port)))
+        .chain(
+            local_http
+                .into_iter()
+                .map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
+        );
+    for addr in addrs {
+        let app = Echo::start(addr, &pod).await;
         eprintln!("http echo listening on {}", app.addr);
         apps.push(app);
     }
