@@ -591,7 +591,7 @@ fn config_is_served_only_to_clients_inside_the_pod() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_turns_503_once_the_certificate_expires_without_renewal() {
+async fn ready_is_503_while_the_certificate_is_expired_and_200_with_the_next() {
     let block = 205;
     let mut ca = Ca::new(ip(block, 100), "5s", &[(NS, "web")]);
     let flags = ca.flags(NS, "web");
@@ -647,4 +647,26 @@ async fn ready_turns_503_once_the_certificate_expires_without_renewal() {
         "{metrics}"
     );
     assert!(metric(&metrics, "trellis_identity_failures_total", &[]) >= 1.0);
+
+    // Identity back: the next attempt (backoff under 30 s) certifies the pod, ready again.
+    ca.start("1h");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let answer = get(admin, "/ready").await;
+        if answer.status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready still {}: {}",
+            answer.status,
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = sidecar.metrics().await;
+    assert_eq!(
+        metric(&metrics, "trellis_identity_certificate_valid", &[]),
+        1.0
+    );
 }
