@@ -556,7 +556,11 @@ pub struct Echo {
 
 impl Echo {
     pub async fn start(addr: SocketAddr, pod: &str) -> Echo {
-        let listener = TcpListener::bind(addr).await.unwrap();
+        Echo::serve(TcpListener::bind(addr).await.unwrap(), pod)
+    }
+
+    /// Answers on a listener that is already bound.
+    pub fn serve(listener: TcpListener, pod: &str) -> Echo {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let (pod, count) = (pod.to_string(), requests.clone());

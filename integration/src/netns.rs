@@ -1101,7 +1101,7 @@ fn node_ip6(block: u8) -> Ipv6Addr {
 }
 
 /// A pod's IPv6 address: `fd13:<block>::<last octet of its IPv4 address>`.
-fn pod_ip6(block: u8, host: u8) -> Ipv6Addr {
+pub fn pod_ip6(block: u8, host: u8) -> Ipv6Addr {
     Ipv6Addr::new(0xfd13, u16::from(block), 0, 0, 0, 0, 0, u16::from(host))
 }
 

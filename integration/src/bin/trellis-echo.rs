@@ -1,8 +1,8 @@
 //! Test-only app for the network-namespace end-to-end tests: `trellis_integration::Echo` on
 //! every `--http PORT` (answers HTTP/1.1 and HTTP/2 with what it saw, as JSON) and a TCP echo
 //! on every `--tcp PORT` (first a line `hello from POD to LOCAL from PEER`, then every byte it
-//! receives, back). Listens on all addresses, but `--local-http PORT` on 127.0.0.1 only (an
-//! app's private debug port); runs until killed.
+//! receives, back). Listens on all addresses of both families, but `--local-http PORT` on
+//! loopback only (an app's private debug port); runs until killed.
 //!
 //! `trellis-echo --pod NAME [--http PORT]... [--tcp PORT]... [--local-http PORT]...`
 
@@ -13,6 +13,11 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncWriteExt, copy};
 use tokio::net::TcpListener;
 use trellis_integration::Echo;
+
+/// The address and its twin of the other family, as the sidecar binds its own.
+fn bind(addr: SocketAddr) -> Vec<TcpListener> {
+    trellis_proxy::listen::bind(addr).unwrap()
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -40,14 +45,16 @@ async fn main() {
                 .map(|port| SocketAddr::from(([127, 0, 0, 1], port))),
         );
     for addr in addrs {
-        let app = Echo::start(addr, &pod).await;
-        eprintln!("http echo listening on {}", app.addr);
-        apps.push(app);
+        for listener in bind(addr) {
+            let app = Echo::serve(listener, &pod);
+            eprintln!("http echo listening on {}", app.addr);
+            apps.push(app);
+        }
     }
-    for port in tcp {
-        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))
-            .await
-            .unwrap();
+    for listener in tcp
+        .into_iter()
+        .flat_map(|port| bind(SocketAddr::from(([0, 0, 0, 0], port))))
+    {
         eprintln!("tcp echo listening on {}", listener.local_addr().unwrap());
         let pod = pod.clone();
         tokio::spawn(async move {
