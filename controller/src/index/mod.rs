@@ -1,17 +1,23 @@
 //! The model: cluster objects in, outbound policies and route statuses out. Pure, no I/O.
 //!
 //! Everything is computed once per change of the objects, so that answering a proxy is a map
-//! lookup and a clone.
+//! lookup. A build after a change ([`Index::rebuild`]) recomputes the policies of only the
+//! Service ports the change touches and shares the others, unchanged (the same `Arc`), with the
+//! index before: the discovery server tells an unchanged policy by its pointer.
 
+#[cfg(test)]
+mod rebuild_tests;
 mod routes;
 mod services;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use gateway_api::experimental::httproutes::HttpRouteParentRefs;
 use trellis_api::discovery::Target;
+pub use trellis_api::policy::ObjectRef;
 use trellis_api::policy::{
-    Backend, BackendTarget, ObjectRef, OutboundPolicy, RouteKind, Routing, ServicePolicy,
+    Backend, BackendTarget, OutboundPolicy, RouteKind, Routing, ServicePolicy,
 };
 
 use crate::objects::Objects;
@@ -41,11 +47,12 @@ impl Default for Config {
 }
 
 /// The policies of one Service port: the producer routes' for every client, and the consumer
-/// routes' for clients in namespaces that have their own routes to this port.
+/// routes' for clients in namespaces that have their own routes to this port. Each is an
+/// [`OutboundPolicy::Service`], shared with the streams that send it.
 #[derive(Debug)]
 struct PortPolicies {
-    producer: ServicePolicy,
-    consumers: BTreeMap<String, ServicePolicy>,
+    producer: Arc<OutboundPolicy>,
+    consumers: BTreeMap<String, Arc<OutboundPolicy>>,
 }
 
 /// Everything a proxy or a status writer can ask, computed once per change of the objects.
@@ -53,8 +60,46 @@ struct PortPolicies {
 pub struct Index {
     config: Config,
     services: Services,
-    ports: HashMap<(ObjectRef, u16), PortPolicies>,
+    ports: HashMap<(ObjectRef, u16), Arc<PortPolicies>>,
     statuses: Vec<RouteStatus>,
+    /// For each Service, the route parents whose policies embed its endpoints as a backend.
+    parents_of_backend: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    /// How many Service ports the last build computed (the rest were shared), for metrics.
+    recomputed: usize,
+}
+
+/// What changed in the objects since the index a [rebuild](Index::rebuild) starts from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Anything may have changed: a first build, a relist, a reload of the manifests.
+    pub all: bool,
+    /// An HTTPRoute or GRPCRoute changed.
+    pub routes: bool,
+    /// Services whose object or EndpointSlices changed.
+    pub services: BTreeSet<ObjectRef>,
+    /// Pods (namespace, name) that changed.
+    pub pods: BTreeSet<(String, String)>,
+}
+
+impl Changes {
+    pub fn everything() -> Changes {
+        Changes {
+            all: true,
+            ..Changes::default()
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+
+    /// Adds `other`'s changes to these.
+    pub fn merge(&mut self, other: Changes) {
+        self.all |= other.all;
+        self.routes |= other.routes;
+        self.services.extend(other.services);
+        self.pods.extend(other.pods);
+    }
 }
 
 /// The routes of one kind-group (producers, or one namespace's consumers) on one Service port,
@@ -69,7 +114,26 @@ struct Group {
 type Attachment = Result<(ObjectRef, Vec<u16>), (&'static str, String)>;
 
 impl Index {
+    /// Computes everything from the objects.
     pub fn build(objects: &Objects, config: &Config) -> Index {
+        Index::compute(objects, config, None)
+    }
+
+    /// The index of `objects`, which differ from the objects of `self` by `changes`: the
+    /// policies of Service ports the changes cannot have touched are shared with `self`.
+    pub fn rebuild(&self, objects: &Objects, config: &Config, changes: &Changes) -> Index {
+        if changes.all || changes.routes {
+            return Index::build(objects, config);
+        }
+        Index::compute(objects, config, Some((self, changes)))
+    }
+
+    /// How many Service ports the build of this index computed rather than shared.
+    pub fn recomputed_ports(&self) -> usize {
+        self.recomputed
+    }
+
+    fn compute(objects: &Objects, config: &Config, before: Option<(&Index, &Changes)>) -> Index {
         let services = Services::build(
             &objects.services,
             &objects.endpoint_slices,
@@ -123,28 +187,77 @@ impl Index {
             attachments.push(parents);
         }
 
+        // Which backend Services each parent's policies embed, to follow endpoint changes.
+        let mut parents_of_backend: HashMap<ObjectRef, BTreeSet<ObjectRef>> = HashMap::new();
+        for ((parent, _), by_group) in &groups {
+            for group in by_group.values() {
+                for &i in group.http.iter().chain(&group.grpc) {
+                    for backend in routes[i].backend_services() {
+                        parents_of_backend
+                            .entry(backend)
+                            .or_default()
+                            .insert(parent.clone());
+                    }
+                }
+            }
+        }
+        // With an index before and no route change, only the Services touched (their object,
+        // slices or pods), and the parents of routes that send to them, are computed again.
+        let unchanged = before.map(|(before, changes)| {
+            let mut touched: HashSet<&ObjectRef> = changes.services.iter().collect();
+            for pod in &changes.pods {
+                touched.extend(services.services_of_pod(pod));
+                touched.extend(before.services.services_of_pod(pod));
+            }
+            let mut dirty: HashSet<ObjectRef> = touched.iter().map(|s| (*s).clone()).collect();
+            for svc in &touched {
+                for map in [&parents_of_backend, &before.parents_of_backend] {
+                    dirty.extend(map.get(*svc).into_iter().flatten().cloned());
+                }
+            }
+            (before, dirty)
+        });
+
         let mut ports = HashMap::new();
+        let mut recomputed = 0;
         for svc in services.all() {
             let Some(cluster_ip) = svc.cluster_ips.first() else {
                 continue;
             };
+            if let Some((before, dirty)) = &unchanged
+                && !dirty.contains(&svc.id)
+            {
+                let kept = svc.ports.iter().filter_map(|sp| {
+                    let key = (svc.id.clone(), sp.port);
+                    let p = before.ports.get(&key)?.clone();
+                    Some((key, p))
+                });
+                let kept: Vec<_> = kept.collect();
+                if kept.len() == svc.ports.len() {
+                    ports.extend(kept);
+                    continue;
+                }
+            }
+            recomputed += svc.ports.len();
             for sp in &svc.ports {
-                let policy = |group: Option<&Group>| ServicePolicy {
-                    service: svc.id.clone(),
-                    cluster_ip: cluster_ip.to_string(),
-                    port: sp.port,
-                    port_name: sp.name.clone(),
-                    app_protocol: sp.app_protocol.clone(),
-                    routing: routing(group, &routes, || Backend {
-                        weight: 1,
-                        target: BackendTarget::Service {
-                            service: svc.id.clone(),
-                            port: sp.port,
-                            app_protocol: sp.app_protocol.clone(),
-                            endpoints: services.endpoints(svc, sp),
-                        },
-                        filters: Vec::new(),
-                    }),
+                let policy = |group: Option<&Group>| {
+                    Arc::new(OutboundPolicy::Service(ServicePolicy {
+                        service: svc.id.clone(),
+                        cluster_ip: cluster_ip.to_string(),
+                        port: sp.port,
+                        port_name: sp.name.clone(),
+                        app_protocol: sp.app_protocol.clone(),
+                        routing: routing(group, &routes, || Backend {
+                            weight: 1,
+                            target: BackendTarget::Service {
+                                service: svc.id.clone(),
+                                port: sp.port,
+                                app_protocol: sp.app_protocol.clone(),
+                                endpoints: services.endpoints(svc, sp),
+                            },
+                            filters: Vec::new(),
+                        }),
+                    }))
                 };
                 let port_groups = groups.get(&(svc.id.clone(), sp.port));
                 let producer = policy(port_groups.and_then(|g| g.get(&None)));
@@ -155,10 +268,10 @@ impl Index {
                     .collect();
                 ports.insert(
                     (svc.id.clone(), sp.port),
-                    PortPolicies {
+                    Arc::new(PortPolicies {
                         producer,
                         consumers,
-                    },
+                    }),
                 );
             }
         }
@@ -177,18 +290,26 @@ impl Index {
             services,
             ports,
             statuses,
+            parents_of_backend,
+            recomputed,
         }
     }
 
     /// The policy for connections from a pod in `client_namespace` to `target`.
     pub fn outbound(&self, client_namespace: &str, target: &Target) -> OutboundPolicy {
+        (*self.outbound_shared(client_namespace, target)).clone()
+    }
+
+    /// As [`Index::outbound`], shared: a Service port's policy is the same `Arc` in every
+    /// index until a change touches it.
+    pub fn outbound_shared(&self, client_namespace: &str, target: &Target) -> Arc<OutboundPolicy> {
         let svc = match target {
             Target::Addr(addr) => match self.services.by_ip(&addr.ip()) {
                 Some(svc) => svc,
                 None => {
-                    return OutboundPolicy::NotAService {
+                    return Arc::new(OutboundPolicy::NotAService {
                         identity: self.services.identity_of_ip(&addr.ip()).cloned(),
-                    };
+                    });
                 }
             },
             Target::Name { host, .. } => {
@@ -197,18 +318,17 @@ impl Index {
                     .and_then(|id| self.services.get(&id))
                 {
                     Some(svc) => svc,
-                    None => return OutboundPolicy::NotAService { identity: None },
+                    None => return Arc::new(OutboundPolicy::NotAService { identity: None }),
                 }
             }
         };
         match self.ports.get(&(svc.id.clone(), target.port())) {
-            Some(p) => OutboundPolicy::Service(
-                p.consumers
-                    .get(client_namespace)
-                    .unwrap_or(&p.producer)
-                    .clone(),
-            ),
-            None => OutboundPolicy::NotAService { identity: None },
+            Some(p) => p
+                .consumers
+                .get(client_namespace)
+                .unwrap_or(&p.producer)
+                .clone(),
+            None => Arc::new(OutboundPolicy::NotAService { identity: None }),
         }
     }
 

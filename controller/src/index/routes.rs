@@ -59,6 +59,35 @@ impl CompiledRoute {
         }
     }
 
+    /// The Services whose endpoints this route's policy carries: its backends and mirror
+    /// backends.
+    pub fn backend_services(&self) -> Vec<ObjectRef> {
+        fn of_rules<M>(rules: &[Rule<M>], out: &mut Vec<ObjectRef>) {
+            let mut add = |b: &Backend| {
+                if let BackendTarget::Service { service, .. } = &b.target {
+                    out.push(service.clone());
+                }
+            };
+            for rule in rules {
+                let backend_filters = rule.backends.iter().flat_map(|b| &b.filters);
+                for f in rule.filters.iter().chain(backend_filters) {
+                    if let Filter::RequestMirror(m) = f {
+                        add(&m.backend);
+                    }
+                }
+                rule.backends.iter().for_each(&mut add);
+            }
+        }
+        let mut out = Vec::new();
+        match &self.wire {
+            WireRoute::Http(r) => of_rules(&r.rules, &mut out),
+            WireRoute::Grpc(r) => of_rules(&r.rules, &mut out),
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Precedence across routes: oldest first; routes without a creation time (local
     /// manifests) after those with one; then by namespace/name.
     pub fn order_key(&self) -> (bool, Option<Time>, &ObjectRef) {

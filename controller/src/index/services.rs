@@ -1,6 +1,6 @@
 //! Services, their endpoints and the identities behind them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -77,6 +77,9 @@ pub struct Services {
     pod_identity: HashMap<(String, String), Identity>,
     /// Meshed pods by IP, to give "not a Service" answers an identity.
     ip_identity: HashMap<IpAddr, Identity>,
+    /// The Services whose EndpointSlices name each pod (namespace, name): what a change of
+    /// the pod touches.
+    pod_services: HashMap<(String, String), BTreeSet<ObjectRef>>,
 }
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -234,7 +237,7 @@ impl Services {
                     Some((p.name.clone().unwrap_or_default(), port))
                 })
                 .collect();
-            let list = this.endpoints.entry(id).or_default();
+            let list = this.endpoints.entry(id.clone()).or_default();
             for ep in &slice.endpoints {
                 let cond = ep.conditions.clone().unwrap_or_default();
                 // Kubernetes asks consumers to read an unknown readiness as ready.
@@ -246,6 +249,12 @@ impl Services {
                     .as_ref()
                     .filter(|t| t.kind.as_deref() == Some("Pod"))
                     .and_then(|t| t.name.clone());
+                if let Some(pod) = &pod {
+                    this.pod_services
+                        .entry((id.namespace.clone(), pod.clone()))
+                        .or_default()
+                        .insert(id.clone());
+                }
                 for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
                     list.push(SliceEndpoint {
                         ip,
@@ -271,6 +280,11 @@ impl Services {
 
     pub fn all(&self) -> impl Iterator<Item = &ServiceInfo> {
         self.by_id.values()
+    }
+
+    /// The Services whose endpoints name the pod `namespace/name`.
+    pub fn services_of_pod(&self, pod: &(String, String)) -> impl Iterator<Item = &ObjectRef> {
+        self.pod_services.get(pod).into_iter().flatten()
     }
 
     /// The identity of a meshed pod at `ip`, if any.

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use crate::index::PROXY_VERSION_ANNOTATION;
 
 /// The label that ties an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Name, namespace and resourceVersion (the watch resumes from it and the status writer's
 /// patches are conditional on it), plus the one label and annotation a kind needs.

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::strip;
-use crate::index::{Config, Index};
+use crate::index::{Changes, Config, Index};
 use crate::objects::Objects;
 
 /// The kinds the model is computed from.
@@ -179,11 +179,22 @@ pub struct Stores {
     http_routes: Store<HttpRoute>,
     grpc_routes: Store<GrpcRoute>,
     progress: watch::Receiver<Progress>,
+    /// What changed since the last build took them, for an incremental rebuild.
+    changes: Arc<std::sync::Mutex<Changes>>,
 }
 
 impl Stores {
     pub fn progress(&self) -> Progress {
         self.progress.borrow().clone()
+    }
+
+    /// The changes recorded since the last call.
+    fn take_changes(&self) -> Changes {
+        match self.changes.lock() {
+            Ok(mut changes) => std::mem::take(&mut *changes),
+            // A watcher panicked while recording: rebuild everything.
+            Err(_) => Changes::everything(),
+        }
     }
 
     /// Every object, sorted by namespace and name, once the stores are [ready](Progress::ready).
@@ -264,17 +275,21 @@ pub fn start(
         http_routes,
         grpc_routes,
         progress: progress.subscribe(),
+        changes: Arc::new(std::sync::Mutex::new(Changes::everything())),
     };
     let c = || client.clone();
     let s = || stop.clone();
     let p = || progress.clone();
     let b = || Backoff::new(backoff);
+    let ch = || stores.changes.clone();
     let api = Api::<Service>::all(c());
     tasks.spawn(run(
         api,
         Kind::Service,
         w_services,
         strip::service,
+        touch_service,
+        ch(),
         p(),
         b(),
         s(),
@@ -285,18 +300,32 @@ pub fn start(
         Kind::EndpointSlice,
         w_slices,
         strip::endpoint_slice,
+        touch_slice,
+        ch(),
         p(),
         b(),
         s(),
     ));
     let api = Api::<Pod>::all(c());
-    tasks.spawn(run(api, Kind::Pod, w_pods, strip::pod, p(), b(), s()));
+    tasks.spawn(run(
+        api,
+        Kind::Pod,
+        w_pods,
+        strip::pod,
+        touch_pod,
+        ch(),
+        p(),
+        b(),
+        s(),
+    ));
     let api = Api::<HttpRoute>::all(c());
     tasks.spawn(run(
         api,
         Kind::HttpRoute,
         w_http,
         strip::http_route,
+        touch_route,
+        ch(),
         p(),
         b(),
         s(),
@@ -307,6 +336,8 @@ pub fn start(
         Kind::GrpcRoute,
         w_grpc,
         strip::grpc_route,
+        touch_route,
+        ch(),
         p(),
         b(),
         s(),
@@ -314,12 +345,58 @@ pub fn start(
     stores
 }
 
-/// One kind's watch, until `stop` is set.
+fn object_ref(meta: &kube::api::ObjectMeta, name: String) -> crate::index::ObjectRef {
+    crate::index::ObjectRef {
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string()),
+        name,
+    }
+}
+
+fn touch_service(svc: &Service, changes: &mut Changes) {
+    if let Some(name) = svc.metadata.name.clone() {
+        changes.services.insert(object_ref(&svc.metadata, name));
+    }
+}
+
+fn touch_slice(slice: &EndpointSlice, changes: &mut Changes) {
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(strip::SERVICE_NAME_LABEL));
+    if let Some(service) = service {
+        changes
+            .services
+            .insert(object_ref(&slice.metadata, service.clone()));
+    }
+}
+
+fn touch_pod(pod: &Pod, changes: &mut Changes) {
+    if let Some(name) = pod.metadata.name.clone() {
+        let ns = pod.metadata.namespace.clone();
+        changes
+            .pods
+            .insert((ns.unwrap_or_else(|| "default".to_string()), name));
+    }
+}
+
+fn touch_route<K>(_: &K, changes: &mut Changes) {
+    changes.routes = true;
+}
+
+/// One kind's watch, until `stop` is set. Each object that changes is noted in `changes` by
+/// `touch`; a completed (re)list notes that anything may have changed.
+#[allow(clippy::too_many_arguments)]
 async fn run<K>(
     api: Api<K>,
     kind: Kind,
     writer: reflector::store::Writer<K>,
     strip: fn(&mut K),
+    touch: fn(&K, &mut Changes),
+    changes: Arc<std::sync::Mutex<Changes>>,
     progress: Arc<watch::Sender<Progress>>,
     mut backoff: Backoff,
     mut stop: watch::Receiver<bool>,
@@ -340,6 +417,7 @@ async fn run<K>(
             None => return,
             Some(Ok(watcher::Event::InitDone)) => {
                 backoff.progressed();
+                note(&changes, |c| c.all = true);
                 progress.send_modify(|p| {
                     if p.get(kind) == StoreState::Missing {
                         tracing::info!("{kind} are served by the API now; routes are read again");
@@ -348,15 +426,16 @@ async fn run<K>(
                 });
                 tracing::debug!("{kind} listed");
             }
-            Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
+            Some(Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object))) => {
                 backoff.progressed();
+                note(&changes, |c| touch(&object, c));
                 progress.send_modify(|_| {});
             }
             Some(Ok(watcher::Event::InitApply(_))) => backoff.progressed(),
             // Emitted before every list attempt, successful or not: no sign of progress.
             Some(Ok(watcher::Event::Init)) => {}
             Some(Err(e)) => {
-                report(kind, &e, &progress);
+                report(kind, &e, &progress, &changes);
                 let pause = backoff.failed(fastrand::f64());
                 tracing::debug!("{kind}: retrying in {pause:?}");
                 tokio::select! {
@@ -365,6 +444,13 @@ async fn run<K>(
                 }
             }
         }
+    }
+}
+
+fn note(changes: &std::sync::Mutex<Changes>, f: impl FnOnce(&mut Changes)) {
+    match changes.lock() {
+        Ok(mut changes) => f(&mut changes),
+        Err(poisoned) => poisoned.into_inner().all = true,
     }
 }
 
@@ -409,10 +495,16 @@ pub fn diagnose(kind: Kind, e: &watcher::Error) -> Diagnosis {
 
 /// Logs a watch error (the caller backs off and the watcher retries) and notes a missing
 /// route CRD.
-fn report(kind: Kind, e: &watcher::Error, progress: &watch::Sender<Progress>) {
+fn report(
+    kind: Kind,
+    e: &watcher::Error,
+    progress: &watch::Sender<Progress>,
+    changes: &std::sync::Mutex<Changes>,
+) {
     match diagnose(kind, e) {
         Diagnosis::Missing => {
             if progress.send_if_modified(|p| p.set(kind, StoreState::Missing)) {
+                note(changes, |c| c.all = true);
                 tracing::warn!(
                     "Gateway API CRDs not installed; routes ignored until they are (the API \
                      server has no {kind}; Services and endpoints are still served, and the \
@@ -460,20 +552,40 @@ pub async fn publish(
         let Some(objects) = stores.snapshot() else {
             continue;
         };
+        let mut changes = stores.take_changes();
+        if !published {
+            changes = Changes::everything();
+        } else if changes.is_empty() {
+            continue;
+        }
         let summary = summary(&objects);
         let config = config.clone();
+        let before = index.borrow().clone();
         // Compiling the index takes CPU time: keep it off the server's threads.
-        match tokio::task::spawn_blocking(move || Index::build(&objects, &config)).await {
-            Ok(built) => {
+        let built = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let built = before.rebuild(&objects, &config, &changes);
+            (built, started.elapsed())
+        })
+        .await;
+        match built {
+            Ok((built, took)) => {
+                let recomputed = built.recomputed_ports();
                 index.send_replace(Arc::new(built));
                 if published {
-                    tracing::debug!("index rebuilt: {summary}");
+                    tracing::debug!(
+                        "index rebuilt in {took:?} ({recomputed} Service ports computed): \
+                         {summary}"
+                    );
                 } else {
                     tracing::info!("cluster state loaded: {summary}");
                     published = true;
                 }
             }
-            Err(e) => tracing::error!("building the index failed, still serving the last one: {e}"),
+            Err(e) => {
+                tracing::error!("building the index failed, still serving the last one: {e}");
+                stores.changes.lock().map(|mut c| c.all = true).ok();
+            }
         }
     }
 }
