@@ -8,6 +8,7 @@ use std::time::Duration;
 use trellis_api::certify::TOKEN_AUDIENCE;
 use trellis_api::identity::DEFAULT_TRUST_DOMAIN;
 
+use crate::limits::CertifyLimits;
 use crate::tokens::{is_dns_label, is_dns_subdomain};
 
 /// Where the trust anchors and the issuer are kept: three files, or one Secret.
@@ -102,6 +103,22 @@ pub struct ServeArgs {
     #[arg(long, env = "TRELLIS_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reload_interval: Duration,
 
+    /// Certify requests read and answered at once; more wait for a turn.
+    #[arg(long, env = "TRELLIS_MAX_CONCURRENT_CERTIFY", default_value_t = 64)]
+    pub max_concurrent_certify: usize,
+
+    /// How long a certify request waits for a turn before it is answered 503 (retryable).
+    #[arg(long, env = "TRELLIS_CERTIFY_QUEUE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub certify_queue_timeout: Duration,
+
+    /// TokenReviews each client IP may cause per second, after its burst; over it, 429.
+    #[arg(long, env = "TRELLIS_TOKEN_REVIEWS_PER_SECOND", default_value_t = 1.0)]
+    pub token_reviews_per_second: f64,
+
+    /// TokenReviews each client IP may cause at once.
+    #[arg(long, env = "TRELLIS_TOKEN_REVIEW_BURST", default_value_t = 10)]
+    pub token_review_burst: u32,
+
     #[command(flatten)]
     pub material: MaterialArgs,
 
@@ -130,6 +147,7 @@ pub struct ServeConfig {
     pub cert_lifetime: Duration,
     pub reload_interval: Duration,
     pub material: MaterialSource,
+    pub limits: CertifyLimits,
 }
 
 /// `trellis-identity bootstrap`.
@@ -284,6 +302,24 @@ impl ServeArgs {
         if self.reload_interval < Duration::from_millis(100) {
             return Err(invalid("reload-interval", "must be at least 100ms"));
         }
+        if self.max_concurrent_certify == 0 {
+            return Err(invalid("max-concurrent-certify", "must be at least 1"));
+        }
+        if !(self.token_reviews_per_second.is_finite() && self.token_reviews_per_second > 0.0) {
+            return Err(invalid(
+                "token-reviews-per-second",
+                "must be a number greater than 0",
+            ));
+        }
+        if self.token_review_burst == 0 {
+            return Err(invalid("token-review-burst", "must be at least 1"));
+        }
+        let limits = CertifyLimits {
+            max_concurrent: self.max_concurrent_certify,
+            queue_timeout: self.certify_queue_timeout,
+            reviews_per_second: self.token_reviews_per_second,
+            burst: self.token_review_burst,
+        };
         Ok(ServeConfig {
             certify_addr: self.certify_addr,
             admin_addr: self.admin_addr,
@@ -293,6 +329,7 @@ impl ServeArgs {
             cert_lifetime: self.cert_lifetime,
             reload_interval: self.reload_interval,
             material: self.material.validate()?,
+            limits,
         })
     }
 }

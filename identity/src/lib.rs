@@ -2,7 +2,7 @@
 //! service-account token and signs its CSR into a short-lived SPIFFE certificate.
 //!
 //! One module per concept: [`ca`] is the authority itself (trust anchors, issuer, CSR checks,
-//! signing) and does no I/O; [`tokens`] turns a token into a service account; [`secret`] reads
+//! signing) and does no I/O; [`tokens`] turns a token into a service account; [`limits`] bounds what callers can make it do; [`secret`] reads
 //! and writes the issuer Secret; [`reload`] keeps the authority current; [`server`] serves
 //! certify and [`admin`] health and metrics; [`bootstrap`] and [`run`] are the subcommands.
 
@@ -10,6 +10,7 @@ pub use trellis_admin as admin;
 pub mod bootstrap;
 pub mod ca;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod run;

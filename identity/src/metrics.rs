@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `trellis_identity_certificates_issued_total` | counter | |
 //! | `trellis_identity_certify_rejected_total` | counter | `reason` (the answer's error code) |
+//! | `trellis_identity_certify_throttled_total` | counter | `reason` (`rate_limited`: a caller over its TokenReview rate, answered 429; `overloaded`: no turn within the queue timeout, answered 503); also counted in `certify_rejected_total` as `unavailable` |
 //! | `trellis_identity_certify_duration_seconds` | histogram | |
 //! | `trellis_identity_issuer_expiry_timestamp_seconds` | gauge | |
 //! | `trellis_identity_issuer_reloads_total` | counter | `result` (`applied`, `rejected`) |
@@ -37,6 +38,7 @@ pub struct Metrics {
     registry: Arc<Registry>,
     issued: Counter,
     rejected: Family<ReasonLabels, Counter>,
+    throttled: Family<ReasonLabels, Counter>,
     duration: Histogram,
     issuer_expiry: Gauge<i64>,
     reloads: Family<ResultLabels, Counter>,
@@ -62,6 +64,12 @@ impl Metrics {
             "certify_rejected",
             "Certify requests refused, by the answer's error code",
             rejected.clone(),
+        );
+        let throttled = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "certify_throttled",
+            "Certify requests refused by a limit: rate_limited (per caller) or overloaded",
+            throttled.clone(),
         );
         // 1 ms to 10 s: signing takes about a millisecond, a TokenReview a few; the upper
         // buckets show a slow or unreachable API server.
@@ -90,6 +98,7 @@ impl Metrics {
             registry: Arc::new(registry),
             issued,
             rejected,
+            throttled,
             duration,
             issuer_expiry,
             reloads,
@@ -108,6 +117,10 @@ impl Metrics {
             })
             .inc();
         self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn throttled(&self, reason: &'static str) {
+        self.throttled.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub fn issuer_expires(&self, not_after: SystemTime) {

@@ -176,11 +176,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> any
         config.trust_domain,
         config.server_names.join(", ")
     );
-    let certifier = Arc::new(Certifier {
-        current,
-        tokens,
-        metrics,
-    });
+    let certifier = Arc::new(Certifier::new(current, tokens, metrics, config.limits));
     admin.set_ready(true);
     let admin_for_shutdown = admin.clone();
     server::serve(listener, tls, certifier, async move {

@@ -4,23 +4,26 @@
 //! garbage), then the token (a TokenReview), then whether the CSR asks for the token's
 //! identity. Each refusal is a [`CertifyError`] with its code's status and a reason that
 //! names what to fix. Slow clients are cut off (TLS handshake and request head within 10 s,
-//! body within 30 s); on shutdown open requests may finish.
+//! body within 30 s); on shutdown open requests may finish. How many requests are worked on
+//! at once, and how many TokenReviews each caller may cause, is bounded ([`crate::limits`]).
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use trellis_api::certify::{
     CERTIFY_PATH, CertifyError, CertifyRequest, CertifyResponse, ErrorCode, MAX_REQUEST_BYTES,
 };
 
 use crate::ca::{self, csr};
+use crate::limits::{CertifyLimits, RateLimiter};
 use crate::metrics::Metrics;
 use crate::reload::Current;
 use crate::tokens::Tokens;
@@ -33,11 +36,48 @@ pub struct Certifier {
     pub current: Arc<Current>,
     pub tokens: Arc<Tokens>,
     pub metrics: Metrics,
+    limits: CertifyLimits,
+    turns: Semaphore,
+    reviews: RateLimiter,
+}
+
+/// A refusal: the answer, and what the HTTP layer adds to it.
+#[derive(Debug)]
+pub struct Refusal {
+    pub error: CertifyError,
+    /// Set for a caller over its TokenReview rate: 429 with `Retry-After` instead of the
+    /// code's own status.
+    pub retry_after: Option<Duration>,
+}
+
+impl From<CertifyError> for Refusal {
+    fn from(error: CertifyError) -> Self {
+        Refusal {
+            error,
+            retry_after: None,
+        }
+    }
 }
 
 impl Certifier {
-    /// Answers one certify request body.
-    pub async fn certify(&self, body: &[u8]) -> Result<CertifyResponse, CertifyError> {
+    pub fn new(
+        current: Arc<Current>,
+        tokens: Arc<Tokens>,
+        metrics: Metrics,
+        limits: CertifyLimits,
+    ) -> Self {
+        Certifier {
+            current,
+            tokens,
+            metrics,
+            turns: Semaphore::new(limits.max_concurrent.max(1)),
+            reviews: RateLimiter::new(limits.reviews_per_second, limits.burst),
+            limits,
+        }
+    }
+
+    /// Answers one certify request body from `caller`.
+    pub async fn certify(&self, caller: IpAddr, body: &[u8]) -> Result<CertifyResponse, Refusal> {
         let request: CertifyRequest = serde_json::from_slice(body).map_err(|e| {
             CertifyError::new(
                 ErrorCode::BadRequest,
@@ -48,6 +88,24 @@ impl Certifier {
         })?;
         let checked =
             csr::parse(&request.csr).map_err(|e| CertifyError::new(e.code(), e.to_string()))?;
+        // Only a TokenReview costs the API server anything; the bucket is taken just before one.
+        if matches!(*self.tokens, Tokens::Review(_))
+            && let Err(wait) = self.reviews.take(caller, Instant::now())
+        {
+            let seconds = wait.as_secs_f64().ceil().max(1.0);
+            self.metrics.throttled("rate_limited");
+            return Err(Refusal {
+                error: CertifyError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "too many certify requests from {caller}: at most {} TokenReviews at \
+                         once and {}/s after that; retry in {seconds}s",
+                        self.limits.burst, self.limits.reviews_per_second
+                    ),
+                ),
+                retry_after: Some(Duration::from_secs_f64(seconds)),
+            });
+        }
         let account = self
             .tokens
             .check(&request.token)
@@ -102,10 +160,29 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let result = match (request.method(), request.uri().path()) {
-        (&Method::POST, CERTIFY_PATH) => match read_body(request.into_body()).await {
-            Ok(body) => certifier.certify(&body).await,
-            Err(e) => Err(e),
-        },
+        (&Method::POST, CERTIFY_PATH) => {
+            // The turn is taken before the body is read: a waiting request holds nothing.
+            let limits = &certifier.limits;
+            match tokio::time::timeout(limits.queue_timeout, certifier.turns.acquire()).await {
+                Ok(Ok(_turn)) => match read_body(request.into_body()).await {
+                    Ok(body) => certifier.certify(peer.ip(), &body).await,
+                    Err(e) => Err(e.into()),
+                },
+                // The semaphore is never closed; only the wait can end this way.
+                Ok(Err(_)) | Err(_) => {
+                    certifier.metrics.throttled("overloaded");
+                    Err(CertifyError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "identity is busy: {} certify requests in progress and this one \
+                             waited {:?} for its turn; retry with backoff",
+                            limits.max_concurrent, limits.queue_timeout
+                        ),
+                    )
+                    .into())
+                }
+            }
+        }
         (_, CERTIFY_PATH) => {
             let mut response = error_response(&CertifyError::new(
                 ErrorCode::MethodNotAllowed,
@@ -126,16 +203,26 @@ async fn handle(
     match result {
         Ok(answer) => {
             certifier.metrics.issued(started.elapsed());
-            json_response(http::StatusCode::OK, &answer)
+            json_response(StatusCode::OK, &answer)
         }
-        Err(error) => {
+        Err(Refusal { error, retry_after }) => {
             certifier.metrics.rejected(error.code, started.elapsed());
             if error.code.is_retryable() {
                 tracing::warn!("certify from {peer} failed: {error}");
             } else {
                 tracing::info!("certify from {peer} refused: {error}");
             }
-            error_response(&error)
+            match retry_after {
+                None => error_response(&error),
+                Some(wait) => {
+                    let mut response = json_response(StatusCode::TOO_MANY_REQUESTS, &error);
+                    response.headers_mut().insert(
+                        header::RETRY_AFTER,
+                        header::HeaderValue::from(wait.as_secs()),
+                    );
+                    response
+                }
+            }
         }
     }
 }
@@ -163,7 +250,7 @@ fn error_response(error: &CertifyError) -> Response<Full<Bytes>> {
     json_response(error.code.status(), error)
 }
 
-fn json_response(status: http::StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
     // Serializing these plain structs cannot fail; an empty body would still carry the status.
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(bytes)));

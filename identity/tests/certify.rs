@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use trellis_api::certify::{CertifyError, CertifyResponse, ErrorCode, MAX_REQUEST_BYTES};
 use trellis_identity::bootstrap;
 use trellis_identity::ca::{Authority, Material};
+use trellis_identity::limits::CertifyLimits;
 use trellis_identity::metrics::Metrics;
 use trellis_identity::reload::{self, Active, Current};
 use trellis_identity::server::{self, Certifier};
@@ -59,11 +60,12 @@ async fn start() -> Server {
     let current =
         Current::new(Active::new(Arc::new(authority), &settings().server_names, now).unwrap());
     let metrics = Metrics::new();
-    let certifier = Arc::new(Certifier {
-        current: current.clone(),
-        tokens: Arc::new(Tokens::Local(LocalTokens::load(&tokens_path).unwrap())),
-        metrics: metrics.clone(),
-    });
+    let certifier = Arc::new(Certifier::new(
+        current.clone(),
+        Arc::new(Tokens::Local(LocalTokens::load(&tokens_path).unwrap())),
+        metrics.clone(),
+        CertifyLimits::default(),
+    ));
     let tls = Arc::new(server::tls_config(current.clone()).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
