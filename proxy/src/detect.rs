@@ -49,6 +49,56 @@ const METHODS: &[&[u8]] = &[
 /// Enough for the preface and any method; detection never reads more.
 const MAX_PEEK: usize = 64;
 
+/// The size of a TLS record's header: type, version, length.
+const TLS_HEADER: usize = 5;
+/// The largest TLS record a peer may send (RFC 8446 §5.2: 2^14 plus expansion).
+const TLS_MAX_RECORD: usize = 16384 + 256;
+
+/// Reads until `buf` holds a whole first TLS record (the ClientHello). The buffer grows with
+/// the bytes that arrive, never ahead of them, so a peer that announces a large record and
+/// stalls costs what it sent.
+pub async fn read_first_record<T: AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+) -> io::Result<()> {
+    loop {
+        let missing = match tls_record_missing(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        buf.reserve(missing.min(1024));
+        if io.read_buf(buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed in the middle of a TLS record",
+            ));
+        }
+    }
+}
+
+/// How many bytes the first TLS record in `buf` still lacks (at least one while its header
+/// is incomplete), or an error when it cannot be a TLS record.
+pub fn tls_record_missing(buf: &[u8]) -> io::Result<usize> {
+    if buf.len() < TLS_HEADER {
+        return Ok(TLS_HEADER - buf.len());
+    }
+    if buf[0] != 0x16 || buf[1] != 3 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a TLS handshake record",
+        ));
+    }
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    if len > TLS_MAX_RECORD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a TLS record larger than the protocol allows",
+        ));
+    }
+    Ok((TLS_HEADER + len).saturating_sub(buf.len()))
+}
+
 /// Classifies what has been read so far, or `None` while more bytes could change the answer.
 pub fn classify(buf: &[u8]) -> Option<Protocol> {
     if buf.is_empty() {

@@ -58,8 +58,13 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     {
         // A peer sidecar's mutual TLS; the preamble and the request follow inside.
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-        let accepted =
-            tokio::time::timeout(handshake, acceptor.accept(Prefixed::new(buf, stream))).await;
+        let accepted = tokio::time::timeout(handshake, async {
+            // The whole ClientHello first, in a buffer that grows only with what arrives: the
+            // TLS state (with its record buffers) exists only for peers that sent one.
+            detect::read_first_record(&mut stream, &mut buf).await?;
+            Box::pin(acceptor.accept(Prefixed::new(buf, stream))).await
+        })
+        .await;
         let mut tls_stream = match accepted {
             Ok(Ok(s)) => s,
             Err(_) => {
@@ -82,7 +87,9 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
         let mut inner = BytesMut::new();
         match hop::read_preamble(&mut tls_stream, &mut inner, handshake).await {
             Ok(Some(port)) => {
-                deliver(proxy, tls_stream, inner, port, peer, started).await;
+                // Boxed: the serving state is allocated only for a connection that got this
+                // far, so a stalled handshake holds a small task.
+                Box::pin(deliver(proxy, tls_stream, inner, port, peer, started)).await;
             }
             _ => {
                 proxy.metrics.error(DIRECTION, "bad_preamble");
@@ -102,7 +109,7 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
         tracing::info!(port, "a plaintext connection to a mesh-only port: closed");
         return;
     }
-    deliver(proxy, stream, buf, port, None, started).await;
+    Box::pin(deliver(proxy, stream, buf, port, None, started)).await;
 }
 
 /// Detects the protocol of what follows and delivers it to the app's `port`.

@@ -89,7 +89,12 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
                 let conn = conn.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&proxy, &conn, req).await) }
             });
-            crate::http::serve_connection(&proxy, DIRECTION, io, service).await;
+            // Boxed, like the opaque path below: a connection still in detection holds a small
+            // task.
+            Box::pin(crate::http::serve_connection(
+                &proxy, DIRECTION, io, service,
+            ))
+            .await;
         }
         Protocol::Tls | Protocol::Opaque => {
             let Some(dst) = orig_dst else {
@@ -110,7 +115,15 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
                 return;
             }
             let meshed = identity.is_some();
-            tcp::forward(&proxy, DIRECTION, io, addr, meshed, identity.as_ref()).await;
+            Box::pin(tcp::forward(
+                &proxy,
+                DIRECTION,
+                io,
+                addr,
+                meshed,
+                identity.as_ref(),
+            ))
+            .await;
         }
     }
 }
