@@ -1,9 +1,9 @@
 //! The discovery server: streams each proxy the outbound policy of the destinations it asks
 //! about, as documented in [`trellis_api::discovery`].
 //!
-//! One task per stream waits for the index to change, recomputes that stream's policy and
-//! sends it only when it differs from the last one sent, so an unrelated change costs each
-//! stream one lookup and no bytes on the wire.
+//! Streams that ask the same question share a [subscription](crate::subscriptions): one task
+//! follows the index and wakes a stream only when its policy changed, so an unrelated change
+//! wakes no stream and sends no byte. Streams are capped per client and in total ([`Limits`]).
 //!
 //! With mutual TLS ([`serve_tls`]) the client's namespace is the one in its certificate: a
 //! proxy cannot ask for the consumer routes of a namespace it does not run in.
@@ -32,6 +32,8 @@ use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
 use trellis_api::policy::OutboundPolicy;
 
 use crate::index::Index;
+use crate::subscriptions::{Answer, Permit, StreamCounter, Subscription, Subscriptions};
+pub use crate::subscriptions::{DiscoveryMetrics, Limits, Refused};
 
 /// How long shutdown waits for connections to close after their streams ended.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,12 +50,29 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// the protocol can be tested apart from the compilation of routes.
 pub trait Policies: Send + Sync + 'static {
     fn outbound(&self, client_namespace: &str, target: &Target) -> OutboundPolicy;
+
+    /// As [`Policies::outbound`]; a model that keeps unchanged policies as the same `Arc`
+    /// across versions lets the server skip comparing them.
+    fn shared(&self, client_namespace: &str, target: &Target) -> Arc<OutboundPolicy> {
+        Arc::new(self.outbound(client_namespace, target))
+    }
 }
 
 impl Policies for Index {
     fn outbound(&self, client_namespace: &str, target: &Target) -> OutboundPolicy {
         Index::outbound(self, client_namespace, target)
     }
+
+    fn shared(&self, client_namespace: &str, target: &Target) -> Arc<OutboundPolicy> {
+        Index::outbound_shared(self, client_namespace, target)
+    }
+}
+
+/// How the server runs, beyond where it listens.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    pub limits: Limits,
+    pub metrics: DiscoveryMetrics,
 }
 
 /// Who asks, and so where its namespace comes from.
@@ -75,7 +94,7 @@ pub async fn serve<P: Policies>(
     index: watch::Receiver<Arc<P>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    serve_with(listener, index, None, shutdown).await
+    serve_with(listener, index, None, Options::default(), shutdown).await
 }
 
 /// As [`serve`], but mutual TLS only, with `tls` (which should require client certificates):
@@ -86,15 +105,48 @@ pub async fn serve_tls<P: Policies>(
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    serve_with(listener, index, Some(TlsAcceptor::from(tls)), shutdown).await
+    serve_with(
+        listener,
+        index,
+        Some(TlsAcceptor::from(tls)),
+        Options::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// As [`serve`] (`tls` unset) or [`serve_tls`], with `options`.
+pub async fn serve_with_options<P: Policies>(
+    listener: TcpListener,
+    index: watch::Receiver<Arc<P>>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let tls = tls.map(TlsAcceptor::from);
+    serve_with(listener, index, tls, options, shutdown).await
+}
+
+/// What every connection shares.
+struct Shared<P> {
+    index: watch::Receiver<Arc<P>>,
+    subscriptions: Subscriptions,
+    streams: Arc<StreamCounter>,
 }
 
 async fn serve_with<P: Policies>(
     listener: TcpListener,
     index: watch::Receiver<Arc<P>>,
     tls: Option<TlsAcceptor>,
+    options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        index: index.clone(),
+        subscriptions: Subscriptions::default(),
+        streams: StreamCounter::new(options.limits, options.metrics),
+    });
+    let fan_out = tokio::spawn(fan_out(index, shared.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder
@@ -113,7 +165,7 @@ async fn serve_with<P: Policies>(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let conn = accept(builder.clone(), stream, tls.clone(), index.clone(), stop_rx.clone());
+                    let conn = accept(builder.clone(), stream, peer.ip(), tls.clone(), shared.clone(), stop_rx.clone());
                     connections.spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, "discovery connection ended: {e}");
@@ -131,6 +183,7 @@ async fn serve_with<P: Policies>(
     }
 
     drop(listener);
+    fan_out.abort();
     stop_tx.send_replace(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}
@@ -148,18 +201,34 @@ async fn serve_with<P: Policies>(
 
 type ConnError = Box<dyn std::error::Error + Send + Sync>;
 
-/// One accepted connection: the TLS handshake when `tls` is set, then HTTP.
+/// Follows the index and publishes each subscription's new answer, until the index loses its
+/// writer (streams then stay open on their last answer) or the server stops.
+async fn fan_out<P: Policies>(mut index: watch::Receiver<Arc<P>>, shared: Arc<Shared<P>>) {
+    while index.changed().await.is_ok() {
+        let snapshot = index.borrow_and_update().clone();
+        let changed = shared.subscriptions.publish(&*snapshot);
+        tracing::debug!(
+            changed,
+            asked = shared.subscriptions.len(),
+            "index changed: streams updated"
+        );
+    }
+}
+
+/// One accepted connection from `peer_ip`: the TLS handshake when `tls` is set, then HTTP.
 async fn accept<P: Policies>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
+    peer_ip: std::net::IpAddr,
     tls: Option<TlsAcceptor>,
-    index: watch::Receiver<Arc<P>>,
+    shared: Arc<Shared<P>>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     // Snapshots are small and latency matters more than packet count.
     stream.set_nodelay(true)?;
     let Some(tls) = tls else {
-        return serve_connection(builder, stream, Client::Unverified, index, stop).await;
+        let client = (Client::Unverified, peer_ip);
+        return serve_connection(builder, stream, client, shared, stop).await;
     };
     let peer = stream
         .peer_addr()
@@ -187,14 +256,14 @@ async fn accept<P: Policies>(
         .and_then(trellis_tls::mesh::identity_of_cert)
         .map_or(Client::Unnamed, Client::Mesh);
     tracing::debug!(%peer, ?client, "discovery: mutual TLS connection");
-    serve_connection(builder, stream, client, index, stop).await
+    serve_connection(builder, stream, (client, peer_ip), shared, stop).await
 }
 
 async fn serve_connection<P: Policies, I>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: I,
-    client: Client,
-    index: watch::Receiver<Arc<P>>,
+    client: (Client, std::net::IpAddr),
+    shared: Arc<Shared<P>>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError>
 where
@@ -202,7 +271,7 @@ where
 {
     let stream_stop = stop.clone();
     let service = service_fn(move |req| {
-        let response = handle(req, &client, &index, &stream_stop);
+        let response = handle(req, &client, &shared, &stream_stop);
         async move { Ok::<_, Infallible>(response) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
@@ -218,8 +287,8 @@ where
 
 fn handle<P: Policies>(
     req: Request<Incoming>,
-    client: &Client,
-    index: &watch::Receiver<Arc<P>>,
+    (client, peer_ip): &(Client, std::net::IpAddr),
+    shared: &Shared<P>,
     stop: &watch::Receiver<bool>,
 ) -> Response<ResponseBody> {
     if req.uri().path() != OUTBOUND_PATH {
@@ -246,29 +315,55 @@ fn handle<P: Policies>(
         Ok(namespace) => namespace,
         Err((status, message)) => return error(status, message),
     };
+    let permit = match shared.streams.open(*peer_ip) {
+        Ok(permit) => permit,
+        Err(why) => {
+            let limits = shared.streams.limits();
+            let message = match why {
+                Refused::PerClient => format!(
+                    "{peer_ip} has {} discovery streams open, the most one client may have \
+                     (--max-streams-per-client)",
+                    limits.per_client
+                ),
+                Refused::Total => format!(
+                    "the controller has {} discovery streams open, the most it serves \
+                     (--max-streams)",
+                    limits.total
+                ),
+            };
+            tracing::warn!(%peer_ip, %namespace, %target, "discovery stream refused: {message}");
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, message);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return response;
+        }
+    };
 
-    let mut index = index.clone();
-    let snapshot = index.borrow_and_update().clone();
-    let policy = snapshot.outbound(&namespace, &target);
-    drop(snapshot);
-    // One slot: a proxy that reads slowly makes its task wait, and the changes made meanwhile
-    // collapse into one snapshot instead of queueing.
-    let (tx, rx) = mpsc::channel(1);
-    let Some(first) = encode(&policy) else {
+    let newest = || shared.index.borrow().clone();
+    let Some(subscription) = shared
+        .subscriptions
+        .subscribe(newest, (namespace.clone(), target.clone()))
+    else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "cannot encode the policy".to_string(),
         );
     };
+    let mut answers = subscription.watch();
+    let first = answers.borrow_and_update().line.clone();
+    // One slot: a proxy that reads slowly makes its task wait, and the changes made meanwhile
+    // collapse into one snapshot instead of queueing.
+    let (tx, rx) = mpsc::channel(1);
     // The channel is new and empty, so the first snapshot goes out with the headers.
     let _ = tx.try_send(first);
     tracing::debug!(%namespace, %target, "discovery stream opened");
     tokio::spawn(stream_updates(
-        index,
-        namespace,
-        target,
-        policy,
+        subscription,
+        answers,
         tx,
+        permit,
+        shared.streams.clone(),
         stop.clone(),
     ));
 
@@ -280,57 +375,34 @@ fn handle<P: Policies>(
     response
 }
 
-/// Sends the stream's policy each time the index changes it, until the client goes away or the
-/// server stops. If the index loses its writer the stream stays open on the last state: ending
-/// it would only make every proxy reconnect to the same answer.
-async fn stream_updates<P: Policies>(
-    mut index: watch::Receiver<Arc<P>>,
-    namespace: String,
-    target: Target,
-    mut last: OutboundPolicy,
+/// Sends the stream's policy each time its subscription's answer changes, until the client
+/// goes away or the server stops. The stream is counted (`_permit`) until it ends. If the index
+/// loses its writer the stream stays open on the last answer: ending it would only make every
+/// proxy reconnect to the same answer.
+async fn stream_updates(
+    subscription: Arc<Subscription>,
+    mut answers: watch::Receiver<Answer>,
     tx: mpsc::Sender<Bytes>,
+    _permit: Permit,
+    streams: Arc<StreamCounter>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let writer_alive = tokio::select! {
-            changed = index.changed() => changed.is_ok(),
+        tokio::select! {
+            // The subscription, and so the sender, lives as long as this task.
+            _ = answers.changed() => {}
             () = tx.closed() => break,
             _ = stop.wait_for(|stop| *stop) => break,
-        };
-        if !writer_alive {
-            tokio::select! {
-                () = tx.closed() => {}
-                _ = stop.wait_for(|stop| *stop) => {}
-            }
-            break;
         }
-        let snapshot = index.borrow_and_update().clone();
-        let policy = snapshot.outbound(&namespace, &target);
-        drop(snapshot);
-        if policy == last {
-            continue;
-        }
-        let Some(line) = encode(&policy) else { break };
+        let line = answers.borrow_and_update().line.clone();
         tokio::select! {
             sent = tx.send(line) => if sent.is_err() { break },
             _ = stop.wait_for(|stop| *stop) => break,
         }
-        last = policy;
+        streams.metrics().update_sent();
     }
+    let (namespace, target) = subscription.question();
     tracing::debug!(%namespace, %target, "discovery stream closed");
-}
-
-fn encode(policy: &OutboundPolicy) -> Option<Bytes> {
-    match serde_json::to_vec(policy) {
-        Ok(mut line) => {
-            line.push(b'\n');
-            Some(Bytes::from(line))
-        }
-        Err(e) => {
-            tracing::error!("cannot encode an outbound policy: {e}");
-            None
-        }
-    }
 }
 
 /// The namespace whose consumer routes apply to `client`, given the `namespace` parameter it

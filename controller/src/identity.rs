@@ -157,6 +157,7 @@ pub async fn serve_discovery<P: Policies>(
     listener: TcpListener,
     index: watch::Receiver<Arc<P>>,
     tls: Option<&DiscoveryTls>,
+    options: discovery::Options,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let addr = listener.local_addr()?;
@@ -166,7 +167,7 @@ pub async fn serve_discovery<P: Policies>(
              names (local development only)"
         );
         tracing::info!("listening on {addr}");
-        return discovery::serve(listener, index, shutdown).await;
+        return discovery::serve_with_options(listener, index, None, options, shutdown).await;
     };
     tokio::pin!(shutdown);
     tracing::info!(identity = %tls.identity, "waiting for the controller's certificate");
@@ -175,7 +176,8 @@ pub async fn serve_discovery<P: Policies>(
         () = &mut shutdown => return Ok(()),
     }
     tracing::info!("listening on {addr} (mutual TLS as {})", tls.identity);
-    discovery::serve_tls(listener, index, tls.server.clone(), shutdown).await
+    let server = Some(tls.server.clone());
+    discovery::serve_with_options(listener, index, server, options, shutdown).await
 }
 
 impl Drop for DiscoveryTls {

@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod objects;
 pub mod serve;
 pub mod status;
+pub mod subscriptions;
 
 pub use index::Index;
 pub use objects::Objects;

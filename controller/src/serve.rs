@@ -12,6 +12,7 @@ use anyhow::{Context as _, bail};
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
+use crate::discovery::{DiscoveryMetrics, Limits, Options};
 use crate::identity::{DiscoveryTls, IdentityArgs};
 use crate::index::{Config, Index};
 use crate::manifests::{self, Fingerprint, LoadError};
@@ -49,6 +50,18 @@ pub struct Args {
     /// `/metrics`.
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "0.0.0.0:9990")]
     pub admin_addr: SocketAddr,
+
+    /// The most discovery streams open at once; one more is refused (429) and counted.
+    #[arg(long, env = "TRELLIS_MAX_STREAMS", default_value_t = Limits::DEFAULT_TOTAL)]
+    pub max_streams: usize,
+
+    /// The most discovery streams one client (an IP address: one pod) may have open.
+    #[arg(
+        long,
+        env = "TRELLIS_MAX_STREAMS_PER_CLIENT",
+        default_value_t = Limits::DEFAULT_PER_CLIENT
+    )]
+    pub max_streams_per_client: usize,
 
     /// Trust domain of the SPIFFE identities expected from endpoints.
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = trellis_api::identity::DEFAULT_TRUST_DOMAIN)]
@@ -125,6 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
+    let options = discovery_options(&args, &mut registry);
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await
@@ -134,7 +148,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
     mark_ready_when_serving(&admin, tls.as_ref());
     let reload = tokio::spawn(reload(dir, config, fingerprint, index_tx, stop_rx));
-    crate::identity::serve_discovery(listener, index_rx, tls.as_ref(), shutdown).await?;
+    crate::identity::serve_discovery(listener, index_rx, tls.as_ref(), options, shutdown).await?;
     admin.admin.set_ready(false);
     stop_tx.send_replace(true);
     let _ = reload.await;
@@ -148,6 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
+    let options = discovery_options(&args, &mut registry);
     let mut shutdown = std::pin::pin!(shutdown_signal()?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
@@ -159,7 +174,7 @@ async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.discovery_addr))?;
         let index = cluster.index.clone();
         mark_ready_when_serving(&admin, tls.as_ref());
-        crate::identity::serve_discovery(listener, index, tls.as_ref(), shutdown).await?;
+        crate::identity::serve_discovery(listener, index, tls.as_ref(), options, shutdown).await?;
     }
     admin.admin.set_ready(false);
     stop_tx.send_replace(true);
@@ -167,6 +182,16 @@ async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
     let _ = admin.task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn discovery_options(args: &Args, registry: &mut prometheus_client::registry::Registry) -> Options {
+    Options {
+        limits: Limits {
+            total: args.max_streams,
+            per_client: args.max_streams_per_client,
+        },
+        metrics: DiscoveryMetrics::new(registry),
+    }
 }
 
 /// The controller's metrics for the admin server.
@@ -234,6 +259,9 @@ fn validate(args: &Args) -> anyhow::Result<Config> {
             "--trust-domain {:?}: expected a lower-case DNS name such as cluster.local",
             args.trust_domain
         );
+    }
+    if args.max_streams == 0 || args.max_streams_per_client == 0 {
+        bail!("--max-streams and --max-streams-per-client must be at least 1");
     }
     if !domain_ok(&args.cluster_domain) {
         bail!(

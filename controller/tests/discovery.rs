@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 use trellis_api::Identity;
 use trellis_api::discovery::{ErrorBody, NDJSON, Target};
 use trellis_api::policy::OutboundPolicy;
-use trellis_controller::discovery::{Policies, serve};
+use trellis_controller::discovery::{
+    DiscoveryMetrics, Limits, Options, Policies, Refused, serve_with_options,
+};
 
 /// Answers `NotAService` for every target, with the identity listed for it, if any: enough to
 /// tell snapshots apart.
@@ -59,14 +61,24 @@ struct Server {
     index: watch::Sender<Arc<Fake>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    metrics: DiscoveryMetrics,
 }
 
 async fn start(fake: Arc<Fake>) -> Server {
+    start_with(fake, Limits::default()).await
+}
+
+async fn start_with(fake: Arc<Fake>, limits: Limits) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (index, rx) = watch::channel(fake);
     let (shutdown, stop) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(listener, rx, async {
+    let metrics = DiscoveryMetrics::default();
+    let options = Options {
+        limits,
+        metrics: metrics.clone(),
+    };
+    let task = tokio::spawn(serve_with_options(listener, rx, None, options, async {
         let _ = stop.await;
     }));
     Server {
@@ -74,6 +86,7 @@ async fn start(fake: Arc<Fake>) -> Server {
         index,
         shutdown: Some(shutdown),
         task,
+        metrics,
     }
 }
 
@@ -167,16 +180,18 @@ async fn first_snapshot_then_a_line_per_change_of_this_streams_policy() {
     let mut lines = subscribe(&mut send, "shop", "10.0.0.1%3A80").await;
     assert_eq!(lines.policy().await, not_a_service("shop", None));
 
-    // Another destination changed: nothing for this stream.
+    // Another destination changed: the stream is not woken, and sends nothing.
     server
         .index
         .send_replace(Fake::with(&[("10.0.0.2:80", "other")]));
     lines.nothing_for(Duration::from_millis(200)).await;
+    assert_eq!(server.metrics.updates_sent(), 0);
 
     server
         .index
         .send_replace(Fake::with(&[("10.0.0.1:80", "web")]));
     assert_eq!(lines.policy().await, not_a_service("shop", Some("web")));
+    assert_eq!(server.metrics.updates_sent(), 1);
 
     // A second subscription on the same connection starts from the current state.
     let mut other = subscribe(&mut send, "shop", "10.0.0.1:80").await;
@@ -296,17 +311,71 @@ async fn http1_clients_are_served_on_the_same_port() {
 #[tokio::test]
 async fn a_stream_ends_when_its_client_goes_away() {
     let server = start(Fake::with(&[])).await;
-    // One receiver is the server's own; each connection and each open stream holds another.
-    let receivers = || server.index.receiver_count();
+    let streams = || server.metrics.open_streams();
     let mut send = h2(server.addr).await;
     let mut lines = subscribe(&mut send, "shop", "10.0.0.1:80").await;
     lines.policy().await;
-    eventually("one stream", || receivers() == 3).await;
+    let mut again = subscribe(&mut send, "shop", "10.0.0.1:80").await;
+    again.policy().await;
+    assert_eq!(streams(), 2);
 
     drop(lines);
-    eventually("the stream task to end", || receivers() == 2).await;
+    eventually("the stream task to end", || streams() == 1).await;
     drop(send);
-    eventually("the connection to close", || receivers() == 1).await;
+    drop(again);
+    eventually("the other stream to end", || streams() == 0).await;
+}
+
+#[tokio::test]
+async fn streams_over_a_cap_are_refused_and_counted() {
+    let limits = Limits {
+        total: 3,
+        per_client: 2,
+    };
+    let server = start_with(Fake::with(&[]), limits).await;
+    let ask = |send: &mut http2::SendRequest<Empty<Bytes>>, target: &str| {
+        let req = get(&format!("/v1/outbound?namespace=shop&target={target}"));
+        let fut = send.send_request(req);
+        async move { fut.await.unwrap() }
+    };
+    // Two clients: 127.0.0.1, and 127.0.0.2 (the source address picks the client).
+    let mut a = h2(server.addr).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (mut b, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    let mut open = vec![
+        subscribe(&mut a, "shop", "10.0.0.1:80").await,
+        subscribe(&mut a, "shop", "10.0.0.2:80").await,
+    ];
+    let refused = ask(&mut a, "10.0.0.3:80").await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "5");
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        body.error,
+        "127.0.0.1 has 2 discovery streams open, the most one client may have \
+         (--max-streams-per-client)"
+    );
+    open.push(subscribe(&mut b, "shop", "10.0.0.1:80").await);
+    assert_eq!(
+        ask(&mut b, "10.0.0.4:80").await.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the total cap"
+    );
+    assert_eq!(server.metrics.refused(Refused::PerClient), 1);
+    assert_eq!(server.metrics.refused(Refused::Total), 1);
+
+    // A stream that ends makes room.
+    drop(open.remove(0));
+    eventually("the stream to end", || server.metrics.open_streams() == 2).await;
+    let mut lines = subscribe(&mut a, "shop", "10.0.0.3:80").await;
+    assert_eq!(lines.policy().await, not_a_service("shop", None));
 }
 
 #[tokio::test]
