@@ -206,7 +206,7 @@ impl DiscoveryMetrics {
         r.register("streams", "Open discovery streams", m.streams.clone());
         // Both labels from the start, so that a rate over them is defined before a refusal.
         for why in [Refused::Total, Refused::PerClient] {
-            m.refused.get_or_create(&LimitLabel { limit: why.label() });
+            let _ = m.refused.get_or_create(&LimitLabel { limit: why.label() });
         }
         r.register(
             "streams_refused",

@@ -112,6 +112,14 @@ pub fn plan_template(
     let Some(spec) = &template.spec else {
         return Err(Denied::NotAPod("it has no spec".to_string()));
     };
+    // Mutating webhooks run before the API server validates the pod, so an invalid one gets
+    // here; without a container list the patch could not even be applied (classic mode adds
+    // the proxy at /spec/containers/0).
+    if spec.containers.is_empty() {
+        return Err(Denied::NotAPod(
+            "it has no containers (a pod needs at least one)".to_string(),
+        ));
+    }
     let no_annotations = BTreeMap::new();
     let pod_annotations = template
         .metadata

@@ -154,6 +154,18 @@ fn refusals_name_the_problem() {
             "not_a_pod",
             "the object is not a pod: expected a JSON object",
         ),
+        // Found by the property tests: in classic mode the patch added the proxy at
+        // /spec/containers/0 of a spec without that list, a patch the API server cannot apply.
+        (
+            json!({"spec": {}}),
+            "not_a_pod",
+            "the object is not a pod: it has no containers (a pod needs at least one)",
+        ),
+        (
+            json!({"spec": {"containers": []}}),
+            "not_a_pod",
+            "the object is not a pod: it has no containers",
+        ),
         (
             json!({"spec": {"containers": "app"}}),
             "not_a_pod",
