@@ -287,4 +287,39 @@ mod tests {
         assert_eq!(p, Protocol::Opaque);
         assert!(buf.is_empty());
     }
+
+    proptest::proptest! {
+        /// An answer, once given, holds however many more bytes arrive; and no input panics.
+        #[test]
+        fn classification_is_stable_as_bytes_arrive(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+        ) {
+            let mut first = None;
+            for n in 0..=bytes.len() {
+                match (first, classify(&bytes[..n])) {
+                    (None, Some(p)) => first = Some(p),
+                    (Some(p), q) => proptest::prop_assert_eq!(Some(p), q),
+                    (None, None) => {}
+                }
+            }
+            let _ = tls_record_missing(&bytes);
+        }
+
+        /// A TLS record is complete exactly when its announced length has arrived.
+        #[test]
+        fn tls_records_complete_at_their_length(
+            len in 0usize..20_000,
+            have in 0usize..20_000,
+        ) {
+            let mut buf = vec![0x16, 3, 1, (len >> 8) as u8, len as u8];
+            buf.resize(5 + have, 0);
+            match tls_record_missing(&buf) {
+                Ok(missing) => {
+                    proptest::prop_assert!(len <= TLS_MAX_RECORD);
+                    proptest::prop_assert_eq!(missing, (5 + len).saturating_sub(5 + have));
+                }
+                Err(_) => proptest::prop_assert!(len > TLS_MAX_RECORD),
+            }
+        }
+    }
 }

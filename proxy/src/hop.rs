@@ -350,4 +350,31 @@ mod tests {
             "http://[fd00::1]:4143/"
         );
     }
+
+    proptest::proptest! {
+        /// Whatever a peer sends first, reading the preamble never panics, keeps the bytes
+        /// after it, and returns a port only for a well-formed preamble.
+        #[test]
+        fn preambles_from_arbitrary_peers(
+            prefix in proptest::prop_oneof![
+                proptest::strategy::Just(b"TRELLIS/1 ".to_vec()),
+                proptest::strategy::Just(Vec::new()),
+            ],
+            rest in proptest::collection::vec(proptest::num::u8::ANY, 0..48),
+        ) {
+            let input = [prefix.clone(), rest].concat();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            let (result, left) = rt.block_on(parse(&input));
+            if let Ok(Some(port)) = result {
+                let head = format!("TRELLIS/1 {port}\r\n");
+                proptest::prop_assert!(port > 0);
+                proptest::prop_assert!(input.starts_with(head.as_bytes()));
+                proptest::prop_assert_eq!(&left[..], &input[head.len()..]);
+            }
+            // Not a preamble: what was read so far is kept, in order, for detection.
+            if let Ok(None) = result {
+                proptest::prop_assert!(!left.is_empty() && input.starts_with(&left));
+            }
+        }
+    }
 }

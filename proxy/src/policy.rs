@@ -460,4 +460,71 @@ mod tests {
         assert_eq!(&*sel.rule.labels.rule, "3");
         assert_eq!(sel.prefix, Some("/"));
     }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// Snapshot lines come from the network: a mangled one is refused, never a panic.
+        #[test]
+        fn mangled_snapshots_are_refused_or_compiled(
+            edits in proptest::collection::vec(
+                (0usize..4096, proptest::prop_oneof![
+                    proptest::strategy::Just(None),
+                    proptest::num::u8::ANY.prop_map(Some),
+                    proptest::sample::select(b"{}[]\",:0123456789-.e\\/*^$()?+|".to_vec()).prop_map(Some),
+                ]),
+                1..6,
+            ),
+        ) {
+            let mut json = serde_json::to_vec(&rich_snapshot()).unwrap();
+            for (at, byte) in edits {
+                let at = at % (json.len() + 1);
+                match byte {
+                    None if at < json.len() => {
+                        json.remove(at);
+                    }
+                    None => {}
+                    Some(b) => json.insert(at, b),
+                }
+            }
+            if let Ok(snapshot) = serde_json::from_slice::<OutboundPolicy>(&json) {
+                let _ = Policy::compile(snapshot, &EndpointRegistry::default());
+            }
+        }
+    }
+
+    /// A snapshot using most of what the wire format can say, for the mangling test above.
+    fn rich_snapshot() -> OutboundPolicy {
+        let mut rule = WireRule {
+            index: 0,
+            name: Some("r0".into()),
+            matches: vec![HttpMatch::default()],
+            filters: vec![],
+            backends: vec![backend("a", 1, &[1]), backend("b", 2, &[2, 3])],
+            timeouts: Timeouts::default(),
+            retry: None,
+        };
+        rule.timeouts.request_ms = Some(100);
+        OutboundPolicy::Service(ServicePolicy {
+            service: ObjectRef {
+                namespace: "ns".into(),
+                name: "web".into(),
+            },
+            cluster_ip: "10.96.0.1".into(),
+            port: 80,
+            port_name: None,
+            app_protocol: None,
+            routing: wire::Routing::Http {
+                routes: vec![Route {
+                    kind: RouteKind::Http,
+                    id: ObjectRef {
+                        namespace: "ns".into(),
+                        name: "r".into(),
+                    },
+                    rules: vec![rule],
+                }],
+            },
+        })
+    }
 }

@@ -101,4 +101,49 @@ mod tests {
         frames.push(b"\n");
         assert_eq!(lines(10_000, &frames).unwrap()[0].len(), 10_000);
     }
+
+    proptest::proptest! {
+        /// However the stream is cut into frames, the lines are those of the whole text.
+        #[test]
+        fn frames_do_not_change_the_lines(
+            text in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just(b'\n'),
+                    proptest::strategy::Just(b'\r'),
+                    proptest::strategy::Just(b' '),
+                    proptest::num::u8::ANY,
+                ],
+                0..300,
+            ),
+            cuts in proptest::collection::vec(0usize..300, 0..20),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c <= text.len()).collect();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut frames = Vec::new();
+            let mut at = 0;
+            for c in cuts.into_iter().chain([text.len()]) {
+                frames.push(&text[at..c]);
+                at = c;
+            }
+            let mut buf = LineBuffer::new(1000);
+            let mut got = Vec::new();
+            for frame in frames {
+                buf.extend(frame);
+                while let Some(line) = buf.next_line().unwrap() {
+                    got.push(line.to_vec());
+                }
+            }
+            let complete = match text.iter().rposition(|b| *b == b'\n') {
+                Some(i) => &text[..i + 1],
+                None => &text[..0],
+            };
+            let want: Vec<Vec<u8>> = complete
+                .split(|b| *b == b'\n')
+                .map(|l| l.strip_suffix(b"\r").unwrap_or(l).to_vec())
+                .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+                .collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 }
