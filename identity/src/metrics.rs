@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `trellis_identity_certificates_issued_total` | counter | |
 //! | `trellis_identity_certify_rejected_total` | counter | `reason` (the answer's error code) |
-//! | `trellis_identity_certify_throttled_total` | counter | `reason` (`rate_limited`: a caller over its TokenReview rate, answered 429; `overloaded`: no turn within the queue timeout, answered 503); also counted in `certify_rejected_total` as `unavailable` |
+//! | `trellis_identity_certify_throttled_total` | counter | `reason` (`rate_limited`: a caller over its TokenReview rate, answered 429; `overloaded`: no turn within the queue timeout, answered 503); not counted in `certify_rejected_total` |
 //! | `trellis_identity_certify_duration_seconds` | histogram | |
 //! | `trellis_identity_issuer_expiry_timestamp_seconds` | gauge | |
 //! | `trellis_identity_issuer_reloads_total` | counter | `result` (`applied`, `rejected`) |
@@ -119,8 +119,9 @@ impl Metrics {
         self.duration.observe(elapsed.as_secs_f64());
     }
 
-    pub fn throttled(&self, reason: &'static str) {
+    pub fn throttled(&self, reason: &'static str, elapsed: Duration) {
         self.throttled.get_or_create(&ReasonLabels { reason }).inc();
+        self.duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn issuer_expires(&self, not_after: SystemTime) {

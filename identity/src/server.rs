@@ -48,6 +48,9 @@ pub struct Refusal {
     /// Set for a caller over its TokenReview rate: 429 with `Retry-After` instead of the
     /// code's own status.
     pub retry_after: Option<Duration>,
+    /// Which limit refused it (`rate_limited`, `overloaded`), for the throttled metric instead
+    /// of the rejected one.
+    pub limit: Option<&'static str>,
 }
 
 impl From<CertifyError> for Refusal {
@@ -55,6 +58,7 @@ impl From<CertifyError> for Refusal {
         Refusal {
             error,
             retry_after: None,
+            limit: None,
         }
     }
 }
@@ -93,7 +97,6 @@ impl Certifier {
             && let Err(wait) = self.reviews.take(caller, Instant::now())
         {
             let seconds = wait.as_secs_f64().ceil().max(1.0);
-            self.metrics.throttled("rate_limited");
             return Err(Refusal {
                 error: CertifyError::new(
                     ErrorCode::Unavailable,
@@ -104,6 +107,7 @@ impl Certifier {
                     ),
                 ),
                 retry_after: Some(Duration::from_secs_f64(seconds)),
+                limit: Some("rate_limited"),
             });
         }
         let account = self
@@ -169,18 +173,18 @@ async fn handle(
                     Err(e) => Err(e.into()),
                 },
                 // The semaphore is never closed; only the wait can end this way.
-                Ok(Err(_)) | Err(_) => {
-                    certifier.metrics.throttled("overloaded");
-                    Err(CertifyError::new(
+                Ok(Err(_)) | Err(_) => Err(Refusal {
+                    error: CertifyError::new(
                         ErrorCode::Unavailable,
                         format!(
                             "identity is busy: {} certify requests in progress and this one \
                              waited {:?} for its turn; retry with backoff",
                             limits.max_concurrent, limits.queue_timeout
                         ),
-                    )
-                    .into())
-                }
+                    ),
+                    retry_after: None,
+                    limit: Some("overloaded"),
+                }),
             }
         }
         (_, CERTIFY_PATH) => {
@@ -205,8 +209,15 @@ async fn handle(
             certifier.metrics.issued(started.elapsed());
             json_response(StatusCode::OK, &answer)
         }
-        Err(Refusal { error, retry_after }) => {
-            certifier.metrics.rejected(error.code, started.elapsed());
+        Err(Refusal {
+            error,
+            retry_after,
+            limit,
+        }) => {
+            match limit {
+                Some(reason) => certifier.metrics.throttled(reason, started.elapsed()),
+                None => certifier.metrics.rejected(error.code, started.elapsed()),
+            }
             if error.code.is_retryable() {
                 tracing::warn!("certify from {peer} failed: {error}");
             } else {

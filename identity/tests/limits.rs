@@ -144,11 +144,13 @@ async fn a_caller_over_its_token_review_rate_gets_429_and_sends_no_review() {
     let text = metrics.encode();
     for line in [
         "trellis_identity_certify_throttled_total{reason=\"rate_limited\"} 3",
-        "trellis_identity_certify_rejected_total{reason=\"unavailable\"} 3",
+        "trellis_identity_certify_rejected_total{reason=\"bad_csr\"} 1",
         "trellis_identity_certificates_issued_total 4",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    // A limit is not the API server failing: it is not counted as `unavailable`.
+    assert!(!text.contains("reason=\"unavailable\""), "{text}");
 }
 
 /// Opens a TLS connection and sends a request head with a body that never comes.
