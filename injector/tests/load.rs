@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,10 +31,31 @@ const SERVER_NAME: &str = "trellis-injector.trellis-system.svc";
 const MIB: usize = 1024 * 1024;
 
 /// A body of `left` bytes sent in 64 KiB frames of one shared buffer, with no declared length:
-/// the injector must read it to learn its size, while the client holds almost nothing.
+/// the injector must read it to learn its size, while the client holds almost nothing. With a
+/// `pause`, the sender stops for that long once only `pause_at` bytes are left, as a slow
+/// client does, keeping what it sent so far buffered in the server.
 struct Flood {
     chunk: Bytes,
     left: usize,
+    pause_at: usize,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Flood {
+    fn new(chunk: Bytes, len: usize) -> Self {
+        Flood {
+            chunk,
+            left: len,
+            pause_at: 0,
+            pause: None,
+        }
+    }
+
+    fn pausing(mut self, left: usize, pause: Duration) -> Self {
+        self.pause_at = left;
+        self.pause = Some(Box::pin(tokio::time::sleep(pause)));
+        self
+    }
 }
 
 impl Body for Flood {
@@ -42,10 +64,16 @@ impl Body for Flood {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.left == 0 {
             return Poll::Ready(None);
+        }
+        if self.left <= self.pause_at
+            && let Some(pause) = self.pause.as_mut()
+        {
+            std::task::ready!(pause.as_mut().poll(cx));
+            self.pause = None;
         }
         let n = self.left.min(self.chunk.len());
         self.left -= n;
@@ -178,13 +206,14 @@ async fn fifty_concurrent_4_mib_reviews_leave_the_injector_answering() {
         })
     };
 
+    // Each sends 2.9 MiB at once (under the cap), waits half a second as a slow client, then
+    // the rest: without a bound on the reviews read at once, the injector would hold all 50
+    // bodies together.
     let chunk = Bytes::from(vec![b' '; 64 * 1024]);
     let flood: Vec<_> = (0..50)
         .map(|i| {
-            let body = Flood {
-                chunk: chunk.clone(),
-                left: 4 * MIB,
-            };
+            let body = Flood::new(chunk.clone(), 4 * MIB)
+                .pausing(4 * MIB - 2900 * 1024, Duration::from_millis(500));
             let ca = serving.ca_pem.clone();
             tokio::spawn(async move { try_send(addr, &ca, i % 2 == 0, body).await })
         })
@@ -203,7 +232,8 @@ async fn fifty_concurrent_4_mib_reviews_leave_the_injector_answering() {
     done.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
     let growth = peak.load(Ordering::Relaxed).saturating_sub(baseline);
-    // Every flood request was refused: the count of each answer is in the metrics. An
+    // Every flood request was refused, too large or after waiting its turn in vain: the count
+    // of each answer is in the metrics. An
     // HTTP/1.1 client still sending when the answer and the close come sees a write error
     // instead of the status, as it would from any server that refuses a body early.
     let count = |reason: &str| -> usize {
@@ -278,7 +308,7 @@ async fn a_review_that_waits_too_long_for_its_turn_gets_503() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     let chunk = Bytes::from(vec![b' '; 1024]);
-    let status = send(addr, &serving.ca_pem, false, Flood { chunk, left: 1024 }).await;
+    let status = send(addr, &serving.ca_pem, false, Flood::new(chunk, 1024)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(started.elapsed() >= Duration::from_millis(200));
     let text = metrics.encode();
