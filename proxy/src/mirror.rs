@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
 
 use crate::http::{self as h, Body, BoxError};
 use crate::metrics::MirrorLabels;
@@ -65,14 +66,22 @@ pub fn start(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> Req
         tokio::spawn(async move {
             let _permit = permit;
             let sent = async {
-                match upstream.send(copy, http2).await {
-                    // Read so the connection can be reused, without keeping what is read.
-                    Ok(res) => {
-                        h::discard(res.into_body(), cap).await;
-                        "sent"
-                    }
-                    Err(_) if queue.truncated() => "truncated",
-                    Err(_) => "failed",
+                tokio::select! {
+                    res = upstream.send(copy, http2) => match res {
+                        // Read so the connection can be reused, without keeping what is read.
+                        Ok(res) => {
+                            h::discard(res.into_body(), cap).await;
+                            "sent"
+                        }
+                        Err(_) if queue.truncated() => "truncated",
+                        Err(_) => "failed",
+                    },
+                    // A copy stuck behind a mirror that stopped reading is not polled again:
+                    // it ends here, and its connection with it.
+                    () = queue.abandoned() => match queue.truncated() {
+                        true => "truncated",
+                        false => "failed",
+                    },
                 }
             };
             let result = tokio::time::timeout(deadline, sent)
@@ -170,7 +179,7 @@ impl Drop for Tee {
 
 /// One mirror's frames in flight, bounded in bytes.
 #[derive(Clone)]
-struct Queue(Arc<Mutex<State>>);
+struct Queue(Arc<Mutex<State>>, Arc<Notify>);
 
 struct State {
     frames: VecDeque<Frame<Bytes>>,
@@ -186,7 +195,7 @@ struct State {
 
 impl Queue {
     fn new(cap: usize) -> Self {
-        Queue(Arc::new(Mutex::new(State {
+        let state = State {
             frames: VecDeque::new(),
             bytes: 0,
             cap,
@@ -194,7 +203,8 @@ impl Queue {
             closed: false,
             truncated: false,
             waker: None,
-        })))
+        };
+        Queue(Arc::new(Mutex::new(state)), Arc::new(Notify::new()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -212,10 +222,7 @@ impl Queue {
         let copy = if let Some(data) = frame.data_ref() {
             if s.bytes + data.len() > s.cap {
                 s.truncated = true;
-                s.closed = true;
-                s.frames.clear();
-                s.bytes = 0;
-                wake(&mut s);
+                self.abandon(&mut s);
                 return;
             }
             s.bytes += data.len();
@@ -238,12 +245,23 @@ impl Queue {
 
     fn close(&self) {
         let mut s = self.lock();
-        if !s.finished {
-            s.closed = true;
-            s.frames.clear();
-            s.bytes = 0;
+        if !s.finished && !s.closed {
+            self.abandon(&mut s);
         }
         wake(&mut s);
+    }
+
+    fn abandon(&self, s: &mut State) {
+        s.closed = true;
+        s.frames.clear();
+        s.bytes = 0;
+        wake(s);
+        self.1.notify_one();
+    }
+
+    /// Resolves once the copy has been abandoned.
+    async fn abandoned(&self) {
+        self.1.notified().await;
     }
 
     fn truncated(&self) -> bool {
