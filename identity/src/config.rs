@@ -504,6 +504,9 @@ mod tests {
                 name: "trellis-identity-issuer".into()
             }
         );
+        assert_eq!(config.limits, CertifyLimits::default());
+        assert_eq!(config.limits.max_concurrent, 64);
+        assert_eq!(config.limits.burst, 10);
     }
 
     #[test]
@@ -561,6 +564,22 @@ mod tests {
             (
                 [&files[..], &["--server-name", "not a name"]].concat(),
                 "server-name",
+            ),
+            (
+                [&files[..], &["--max-concurrent-certify", "0"]].concat(),
+                "max-concurrent-certify",
+            ),
+            (
+                [&files[..], &["--token-reviews-per-second", "0"]].concat(),
+                "token-reviews-per-second",
+            ),
+            (
+                [&files[..], &["--token-reviews-per-second", "NaN"]].concat(),
+                "token-reviews-per-second",
+            ),
+            (
+                [&files[..], &["--token-review-burst", "0"]].concat(),
+                "token-review-burst",
             ),
         ] {
             let err = serve(&args).unwrap_err();

@@ -490,6 +490,52 @@ pub(crate) mod tests {
         }
     }
 
+    #[derive(Debug, clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn review_limits() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().unwrap();
+        let anchors = anchors_file(&dir);
+        let anchors = anchors.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--trust-anchors-file", anchors];
+            argv.extend_from_slice(extra);
+            Serve::try_parse_from(argv).map(|s| s.args.validate())
+        };
+        let config = parse(&[]).unwrap().unwrap();
+        assert_eq!(config.limits, ReviewLimits::default());
+        let config = parse(&[
+            "--max-concurrent-reviews",
+            "2",
+            "--review-queue-timeout",
+            "500ms",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            config.limits,
+            ReviewLimits {
+                max_concurrent: 2,
+                queue_timeout: Duration::from_millis(500)
+            }
+        );
+        let error = parse(&["--max-concurrent-reviews", "0"])
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "--max-concurrent-reviews: must be at least 1"
+        );
+        assert!(parse(&["--review-queue-timeout", "3 seconds"]).is_err());
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("").is_err() && parse_duration("5h").is_err());
+    }
+
     #[test]
     fn trust_anchors_must_be_certificates() {
         let dir = tempfile::tempdir().unwrap();
