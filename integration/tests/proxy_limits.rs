@@ -218,3 +218,75 @@ async fn idle_connections_are_closed() {
     let text = sidecar.metrics().await;
     assert_eq!(errors(&text, "inbound", "idle_timeout"), 2.0);
 }
+
+/// A meshed endpoint whose sidecar accepts the connection and then says nothing: the client's
+/// sidecar gives up on the TLS handshake at its deadline and answers 502, instead of holding
+/// the request (and a task) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stalls_the_handshake_is_given_up_on_in_time() {
+    let block = 86;
+    let peer = ip(block, 11);
+    let dir = trellis_integration::scratch_dir();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-0, namespace: shop, annotations: {{trellis.dev/proxy-version: test}}}}
+spec: {{serviceAccountName: web, containers: [{{name: app, image: web}}]}}
+status: {{podIP: {peer}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: ['{peer}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: web-0}}}}
+"
+        ),
+    )
+    .unwrap();
+    let ca = Ca::new(ip(block, 100), "1h", &[("shop", "client"), ("shop", "web")]);
+    let controller = Controller::start_with(
+        dir.path(),
+        SocketAddr::new(ip(block, 1), 0),
+        &ca.controller_flags(trellis_integration::CONTROLLER_ACCOUNT.1),
+    );
+    // The peer's "sidecar": accepts on the inbound port, reads, never answers.
+    let stalled = std::net::TcpListener::bind(SocketAddr::new(peer, 4143)).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stalled.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut flags = ca.flags("shop", "client");
+    flags.extend(["--handshake-timeout".into(), "1s".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sidecar = Sidecar::start(ip(block, 9), "shop", controller.addr, &flags);
+    let out = sidecar.outbound();
+    let (answer, took) = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(out).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap_or(0);
+        (
+            String::from_utf8_lossy(&buf[..n]).into_owned(),
+            started.elapsed(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
