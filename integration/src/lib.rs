@@ -548,6 +548,9 @@ pub struct Echoed {
     pub version: String,
     pub headers: BTreeMap<String, Vec<String>>,
     pub body_len: usize,
+    /// The request's URI authority: HTTP/2's `:authority`; none for an HTTP/1 origin-form URI.
+    #[serde(default)]
+    pub authority: Option<String>,
 }
 
 impl Echoed {
@@ -647,6 +650,7 @@ async fn echo(pod: &str, count: &AtomicUsize, req: Request<Incoming>) -> Respons
         version: format!("{:?}", parts.version),
         headers,
         body_len,
+        authority: parts.uri.authority().map(|a| a.to_string()),
     };
     let mut res = Response::new(Full::new(Bytes::from(serde_json::to_vec(&echoed).unwrap())));
     res.headers_mut()

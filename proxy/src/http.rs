@@ -43,12 +43,37 @@ pub fn incoming(body: hyper::body::Incoming) -> Body {
     body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
 }
 
-/// The two upstream clients: HTTP/1.1 (pooled connections) and HTTP/2 (one multiplexed
-/// connection per endpoint). Both connect through [`crate::hop`].
+/// The two upstream clients: HTTP/1.1 (pooled connections, for endpoints without a sidecar
+/// that speak HTTP/1) and HTTP/2 (one multiplexed connection per endpoint: every hop between
+/// sidecars, and HTTP/2 endpoints). Both connect through [`crate::hop`].
 #[derive(Clone, Debug)]
 pub struct Upstream {
     pub h1: Client<Connector, Body>,
-    pub h2: Client<Connector, Body>,
+    pub h2: std::sync::Arc<crate::pool::H2Pool>,
+}
+
+/// Why an upstream request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream URI names no endpoint address")]
+    NoEndpoint,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error(transparent)]
+    Http1(hyper_util::client::legacy::Error),
+    #[error(transparent)]
+    Http2(hyper::Error),
+}
+
+impl UpstreamError {
+    /// The connection was never made, so no byte of the request was sent.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            UpstreamError::NoEndpoint | UpstreamError::Connect(_) => true,
+            UpstreamError::Http1(e) => e.is_connect(),
+            UpstreamError::Http2(_) => false,
+        }
+    }
 }
 
 impl Upstream {
@@ -60,12 +85,7 @@ impl Upstream {
             // The client's own Host header is forwarded as it is.
             .set_host(false);
         let h1 = b.build(connector.clone());
-        b.http2_only(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(false)
-            .http2_adaptive_window(true);
-        let h2 = b.build(connector);
+        let h2 = std::sync::Arc::new(crate::pool::H2Pool::new(connector, idle));
         Self { h1, h2 }
     }
 
@@ -73,13 +93,13 @@ impl Upstream {
         &self,
         mut req: Request<Body>,
         http2: bool,
-    ) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         if http2 {
             *req.version_mut() = Version::HTTP_2;
-            self.h2.request(req).await
+            self.h2.send(req).await
         } else {
             *req.version_mut() = Version::HTTP_11;
-            self.h1.request(req).await
+            self.h1.request(req).await.map_err(UpstreamError::Http1)
         }
     }
 }

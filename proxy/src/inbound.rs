@@ -251,8 +251,16 @@ async fn forward(
             );
         }
     };
+    // The client's `:authority`, which the URI's app address would otherwise replace.
+    let authority = http2
+        .then(|| parts.uri.authority().cloned())
+        .flatten()
+        .map(crate::pool::RequestAuthority);
     parts.uri = uri;
-    let upstream_req = Request::from_parts(parts, h::incoming(body));
+    let mut upstream_req = Request::from_parts(parts, h::incoming(body));
+    if let Some(a) = authority {
+        upstream_req.extensions_mut().insert(a);
+    }
     match proxy.upstream.send(upstream_req, http2).await {
         Ok(res) => h::from_upstream(res),
         Err(e) => {

@@ -21,6 +21,7 @@ use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
 use crate::metrics::{DirectionLabels, RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
+use crate::pool::RequestAuthority;
 use crate::proxy::Proxy;
 use crate::{listen, tcp};
 use trellis_api::filters::CompiledHeaderModifier;
@@ -296,12 +297,17 @@ async fn route(
         match filter {
             Filter::RequestHeaders(m) => m.apply(req.headers_mut()),
             Filter::Rewrite(rw) => {
-                if let Some(host) = rw
-                    .hostname
-                    .as_deref()
-                    .and_then(|h| HeaderValue::from_str(h).ok())
-                {
-                    req.headers_mut().insert(header::HOST, host);
+                // The host is `:authority` in HTTP/2 and `Host` in HTTP/1: a `host` header
+                // beside a different `:authority` would make the request malformed.
+                if let Some(host) = rw.hostname.as_deref() {
+                    if req.version() == Version::HTTP_2 {
+                        if let Ok(a) = host.parse::<Authority>() {
+                            req.headers_mut().remove(header::HOST);
+                            req.extensions_mut().insert(RequestAuthority(a));
+                        }
+                    } else if let Ok(v) = HeaderValue::from_str(host) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
                 }
                 if let Some(path) = &rw.path {
                     let new_path = rewrite_path(path, req.uri().path(), prefix);
@@ -432,7 +438,16 @@ pub(crate) fn build_upstream(
         req.headers_mut().insert(header::HOST, v);
     }
     h::strip_hop_by_hop(req.headers_mut());
-    if meshed && parts.version != Version::HTTP_2 {
+    if parts.version == Version::HTTP_2 {
+        // The client's `:authority` (or a rewrite's) goes on to HTTP/2 upstreams as it was.
+        let authority = match parts.extensions.get::<RequestAuthority>() {
+            Some(a) => Some(a.clone()),
+            None => parts.uri.authority().cloned().map(RequestAuthority),
+        };
+        if let Some(a) = authority {
+            req.extensions_mut().insert(a);
+        }
+    } else if meshed {
         req.headers_mut()
             .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
     }
@@ -609,7 +624,7 @@ async fn send_to_service(
 
 enum AttemptError {
     Timeout,
-    Upstream(hyper_util::client::legacy::Error),
+    Upstream(crate::http::UpstreamError),
 }
 
 /// Traffic that is not for a Service: to the address the app asked for, unrouted.

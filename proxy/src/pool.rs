@@ -1,0 +1,152 @@
+//! HTTP/2 connections to endpoints: one multiplexed connection per endpoint, chosen by the
+//! endpoint's address, so that each request's `:authority` can be the client's own.
+//!
+//! A generic client pools by the URI's authority and sends that same authority on the wire,
+//! which would make every gRPC and HTTP/2 backend see an endpoint address (or, after the hop,
+//! `127.0.0.1:port`) instead of the authority the client asked for (RFC 9113 §8.3.1). Here the
+//! endpoint travels in the request's URI (as for the HTTP/1 client) and the authority to send
+//! in a [`RequestAuthority`] extension; the URI is rewritten just before the request goes out.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::uri::{Authority, Parts};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::hop::{self, Connector, MESH_SCHEME};
+use crate::http::{Body, UpstreamError};
+
+/// The authority a request is for (the client's, or a URLRewrite's): sent as `:authority`
+/// to HTTP/2 upstreams.
+#[derive(Clone, Debug)]
+pub struct RequestAuthority(pub Authority);
+
+/// Connections kept per endpoint, and when each was last used.
+#[derive(Debug)]
+pub struct H2Pool {
+    connector: Connector,
+    idle: Duration,
+    conns: Mutex<HashMap<(SocketAddr, bool), Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    sender: SendRequest<Body>,
+    used: Instant,
+}
+
+impl H2Pool {
+    pub fn new(connector: Connector, idle: Duration) -> Self {
+        Self {
+            connector,
+            idle,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sends `req` to the endpoint its URI names (meshed when the scheme says so), with the
+    /// `:authority` of its [`RequestAuthority`], if any.
+    pub async fn send(&self, mut req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        let (addr, meshed) = endpoint(req.uri()).ok_or(UpstreamError::NoEndpoint)?;
+        let mut sender = self.sender(addr, meshed).await?;
+        if let Some(RequestAuthority(authority)) = req.extensions_mut().remove() {
+            let mut parts = Parts::from(std::mem::take(req.uri_mut()));
+            parts.authority = Some(authority);
+            *req.uri_mut() = Uri::from_parts(parts).map_err(|_| UpstreamError::NoEndpoint)?;
+        }
+        sender.ready().await.map_err(UpstreamError::Http2)?;
+        sender.send_request(req).await.map_err(UpstreamError::Http2)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, bool), Entry>> {
+        match self.conns.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A connection to the endpoint: the open one, or a new one. Requests that find none at
+    /// the same moment may each open one; the last stays pooled, the others finish their
+    /// requests and close.
+    async fn sender(
+        &self,
+        addr: SocketAddr,
+        meshed: bool,
+    ) -> Result<SendRequest<Body>, UpstreamError> {
+        let key = (addr, meshed);
+        let now = Instant::now();
+        if let Some(entry) = self.lock().get_mut(&key)
+            && !entry.sender.is_closed()
+        {
+            entry.used = now;
+            return Ok(entry.sender.clone());
+        }
+        let identity = meshed
+            .then(|| self.connector.endpoints.identity_of(addr))
+            .flatten();
+        let io = hop::connect(addr, meshed, identity.as_ref(), &self.connector.hop)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .adaptive_window(true)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        // The connection runs until its peer closes it or every handle is dropped (the pool's
+        // when it goes idle or closed, each request's when it ends).
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %addr, "HTTP/2 upstream connection ended");
+            }
+        });
+        let mut conns = self.lock();
+        let idle = self.idle;
+        conns.retain(|_, e| !e.sender.is_closed() && now.duration_since(e.used) < idle);
+        conns.insert(
+            key,
+            Entry {
+                sender: sender.clone(),
+                used: now,
+            },
+        );
+        Ok(sender)
+    }
+}
+
+/// The endpoint in an upstream URI: its address, and whether it is meshed.
+fn endpoint(uri: &Uri) -> Option<(SocketAddr, bool)> {
+    let a = uri.authority()?;
+    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+    let addr = SocketAddr::new(host.parse().ok()?, a.port_u16()?);
+    Some((addr, uri.scheme_str() == Some(MESH_SCHEME)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_from_uris() {
+        let uri: Uri = "https://10.0.0.1:8080/x".parse().unwrap();
+        assert_eq!(
+            endpoint(&uri),
+            Some(("10.0.0.1:8080".parse().unwrap(), true))
+        );
+        let uri: Uri = "http://[fd00::1]:80/".parse().unwrap();
+        assert_eq!(
+            endpoint(&uri),
+            Some(("[fd00::1]:80".parse().unwrap(), false))
+        );
+        let uri: Uri = "http://web:80/".parse().unwrap();
+        assert_eq!(endpoint(&uri), None);
+    }
+}
