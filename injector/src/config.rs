@@ -267,12 +267,17 @@ pub struct ServeArgs {
     )]
     pub tls_key_file: Option<PathBuf>,
 
-    /// Reviews read and answered at once; each holds up to 3 MiB of body and its parsed pod.
+    /// MiB of request bodies held while they are read, for declared pod-sized bodies and again
+    /// for the rest; at least 3 (one largest body).
+    #[arg(long, env = "TRELLIS_MAX_REVIEW_BUFFER_MIB", default_value_t = 16)]
+    pub max_review_buffer_mib: usize,
+
+    /// Reviews parsed and answered at once.
     #[arg(long, env = "TRELLIS_MAX_CONCURRENT_REVIEWS", default_value_t = 4)]
     pub max_concurrent_reviews: usize,
 
-    /// How long a review beyond --max-concurrent-reviews waits for its turn before it is
-    /// answered 503 (`500ms`, `3s`); well under the webhook's timeoutSeconds.
+    /// How long a review waits for room in the buffer or for its turn before it is answered
+    /// 503 (`500ms`, `3s`); well under the webhook's timeoutSeconds.
     #[arg(long, env = "TRELLIS_REVIEW_QUEUE_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
     pub review_queue_timeout: Duration,
 
@@ -296,9 +301,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// How many reviews the webhook works on at once, and how long the rest wait.
+/// How many body bytes the webhook holds while reading, how many reviews it answers at once,
+/// and how long the rest wait.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReviewLimits {
+    /// Per budget (pod-sized declared bodies, and the rest).
+    pub max_buffered_bytes: usize,
     pub max_concurrent: usize,
     pub queue_timeout: Duration,
 }
@@ -306,6 +314,7 @@ pub struct ReviewLimits {
 impl Default for ReviewLimits {
     fn default() -> Self {
         ReviewLimits {
+            max_buffered_bytes: 16 * 1024 * 1024,
             max_concurrent: 4,
             queue_timeout: Duration::from_secs(3),
         }
@@ -342,7 +351,14 @@ impl ServeArgs {
         if self.max_concurrent_reviews == 0 {
             return Err(invalid("max-concurrent-reviews", "must be at least 1"));
         }
+        if !(3..=4096).contains(&self.max_review_buffer_mib) {
+            return Err(invalid(
+                "max-review-buffer-mib",
+                "must be from 3 (one body of the largest size) to 4096",
+            ));
+        }
         let limits = ReviewLimits {
+            max_buffered_bytes: self.max_review_buffer_mib * 1024 * 1024,
             max_concurrent: self.max_concurrent_reviews,
             queue_timeout: self.review_queue_timeout,
         };
@@ -520,6 +536,7 @@ pub(crate) mod tests {
         assert_eq!(
             config.limits,
             ReviewLimits {
+                max_buffered_bytes: 16 * 1024 * 1024,
                 max_concurrent: 2,
                 queue_timeout: Duration::from_millis(500)
             }
@@ -532,6 +549,13 @@ pub(crate) mod tests {
             "--max-concurrent-reviews: must be at least 1"
         );
         assert!(parse(&["--review-queue-timeout", "3 seconds"]).is_err());
+        let error = parse(&["--max-review-buffer-mib", "2"])
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            error.to_string().starts_with("--max-review-buffer-mib"),
+            "{error}"
+        );
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("").is_err() && parse_duration("5h").is_err());
     }

@@ -2,7 +2,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `trellis_injector_admission_requests_total` | counter | `outcome` (`injected`, `skipped`, `denied`, `ignored`, `error`), `reason` (for `error`: `malformed`, `too_large` (413), `timeout` (408), `overloaded` (503, no turn within the queue timeout)) |
+//! | `trellis_injector_admission_requests_total` | counter | `outcome` (`injected`, `skipped`, `denied`, `ignored`, `error`), `reason` (for `error`: `malformed`, `too_large` (413), `timeout` (408), `overloaded` (503, no room in the body buffer or no turn within the queue timeout)) |
 //! | `trellis_injector_admission_duration_seconds` | histogram | |
 //! | `trellis_injector_certificate_expiry_timestamp_seconds` | gauge | |
 //! | `trellis_injector_ca_bundle_updates_total` | counter | |

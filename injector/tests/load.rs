@@ -28,6 +28,9 @@ use trellis_injector::webhook::{self, Webhook};
 use support::{read_json, settings};
 
 const SERVER_NAME: &str = "trellis-injector.trellis-system.svc";
+
+/// The tests of this file run one at a time: the flood test measures the whole process.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const MIB: usize = 1024 * 1024;
 
 /// A body of `left` bytes sent in 64 KiB frames of one shared buffer, with no declared length:
@@ -185,6 +188,7 @@ fn rss() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_4_mib_reviews_leave_the_injector_answering() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let limits = ReviewLimits::default();
     let (addr, serving, metrics) = start(limits).await;
     let review = Bytes::from(serde_json::to_vec(&read_json("reviews/plain-pod.json")).unwrap());
@@ -206,14 +210,14 @@ async fn fifty_concurrent_4_mib_reviews_leave_the_injector_answering() {
         })
     };
 
-    // Each sends 2.9 MiB at once (under the cap), waits half a second as a slow client, then
+    // Each sends 2.9 MiB at once (under the cap), waits two seconds as a slow client, then
     // the rest: without a bound on the reviews read at once, the injector would hold all 50
     // bodies together.
     let chunk = Bytes::from(vec![b' '; 64 * 1024]);
     let flood: Vec<_> = (0..50)
         .map(|i| {
             let body = Flood::new(chunk.clone(), 4 * MIB)
-                .pausing(4 * MIB - 2900 * 1024, Duration::from_millis(500));
+                .pausing(4 * MIB - 2900 * 1024, Duration::from_secs(2));
             let ca = serving.ca_pem.clone();
             tokio::spawn(async move { try_send(addr, &ca, i % 2 == 0, body).await })
         })
@@ -274,9 +278,11 @@ async fn fifty_concurrent_4_mib_reviews_leave_the_injector_answering() {
     assert_eq!(after, StatusCode::OK);
 }
 
-/// A body that sends one byte and then nothing: it holds its turn until the body deadline.
+/// A body that sends one byte and then nothing, declaring `declared` bytes when set (hyper
+/// writes the Content-Length from an exact size hint).
 struct Stall {
     sent: bool,
+    declared: Option<u64>,
 }
 
 impl Body for Stall {
@@ -293,22 +299,81 @@ impl Body for Stall {
         self.sent = true;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"{")))))
     }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.declared {
+            Some(n) => hyper::body::SizeHint::with_exact(n),
+            None => hyper::body::SizeHint::default(),
+        }
+    }
 }
 
 #[tokio::test]
-async fn a_review_that_waits_too_long_for_its_turn_gets_503() {
+async fn stalled_clients_do_not_hold_up_reviews() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let (addr, serving, metrics) = start(ReviewLimits::default()).await;
+    // 40 clients start a body and stop after its first byte: half declare a pod-sized body,
+    // half declare none. They hold one byte of buffer each, not a turn.
+    let stalled: Vec<_> = (0..40u64)
+        .map(|i| {
+            let ca = serving.ca_pem.clone();
+            let body = Stall {
+                sent: false,
+                declared: (i % 2 == 0).then_some(20_000),
+            };
+            tokio::spawn(async move { try_send(addr, &ca, i % 4 < 2, body).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let review = Bytes::from(serde_json::to_vec(&read_json("reviews/plain-pod.json")).unwrap());
+    for h2 in [false, true] {
+        let started = Instant::now();
+        let status = send(addr, &serving.ca_pem, h2, Full::new(review.clone())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // A large body too: the stalled ones hold 20 bytes of its budget.
+    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+    let status = send(addr, &serving.ca_pem, true, Flood::new(chunk, 2 * MIB)).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "read whole, then found not to be JSON"
+    );
+    for task in &stalled {
+        assert!(
+            !task.is_finished(),
+            "a stalled client was answered before its deadline"
+        );
+    }
+    assert!(!metrics.encode().contains("reason=\"overloaded\""));
+    for task in stalled {
+        task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_review_that_waits_too_long_for_room_gets_503() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let limits = ReviewLimits {
-        max_concurrent: 1,
+        max_buffered_bytes: 3 * MIB,
+        max_concurrent: 4,
         queue_timeout: Duration::from_millis(200),
     };
     let (addr, serving, metrics) = start(limits).await;
-    // Holds the one large-lane turn.
+    // A slow client sends the whole 3 MiB budget and then waits.
+    let chunk = Bytes::from(vec![b' '; 64 * 1024]);
+    let holder = Flood::new(chunk.clone(), 4 * MIB).pausing(MIB, Duration::from_secs(30));
     let ca = serving.ca_pem.clone();
-    let _holder = tokio::spawn(async move { send(addr, &ca, true, Stall { sent: false }).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let holder = tokio::spawn(async move { try_send(addr, &ca, true, holder).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another body without a declared length finds no room for its first chunk.
     let started = Instant::now();
-    let chunk = Bytes::from(vec![b' '; 1024]);
-    let status = send(addr, &serving.ca_pem, false, Flood::new(chunk, 1024)).await;
+    let status = send(addr, &serving.ca_pem, false, Flood::new(chunk, 256 * 1024)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(started.elapsed() >= Duration::from_millis(200));
     let text = metrics.encode();
@@ -316,8 +381,9 @@ async fn a_review_that_waits_too_long_for_its_turn_gets_503() {
         text.contains("outcome=\"error\",reason=\"overloaded\"} 1"),
         "{text}"
     );
-    // A pod's review has its own lane and is answered meanwhile.
+    // A pod's review has a budget of its own and is answered meanwhile.
     let review = serde_json::to_vec(&read_json("reviews/plain-pod.json")).unwrap();
     let status = send(addr, &serving.ca_pem, true, Full::new(Bytes::from(review))).await;
     assert_eq!(status, StatusCode::OK);
+    holder.abort();
 }
