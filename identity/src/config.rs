@@ -103,7 +103,8 @@ pub struct ServeArgs {
     #[arg(long, env = "TRELLIS_RELOAD_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reload_interval: Duration,
 
-    /// Certify requests read and answered at once; more wait for a turn.
+    /// Certify requests worked on (CSR checks, TokenReview, signing) at once; more wait for a
+    /// turn.
     #[arg(long, env = "TRELLIS_MAX_CONCURRENT_CERTIFY", default_value_t = 64)]
     pub max_concurrent_certify: usize,
 

@@ -5,9 +5,10 @@
 //! sending garbage tokens in a loop turns identity into an amplifier against the API server,
 //! and a burst of requests holds bodies and signing work without limit. So:
 //!
-//! - at most [`CertifyLimits::max_concurrent`] requests are read and answered at once; one that
-//!   waits longer than [`CertifyLimits::queue_timeout`] for its turn is answered 503
-//!   (`unavailable`, retryable);
+//! - at most [`CertifyLimits::max_concurrent`] requests are worked on (CSR checks, TokenReview,
+//!   signing) at once; one that waits longer than [`CertifyLimits::queue_timeout`] for its turn
+//!   is answered 503 (`unavailable`, retryable). The body, at most 64 KiB, is read before the
+//!   turn is taken, so a client that stalls mid-body holds none;
 //! - each client IP has a token bucket of [`CertifyLimits::burst`] TokenReviews, refilled at
 //!   [`CertifyLimits::reviews_per_second`]; a request over it is answered 429 with
 //!   `Retry-After` and no TokenReview is sent. A proxy certifies once at start and renews about

@@ -165,26 +165,32 @@ async fn handle(
     let started = Instant::now();
     let result = match (request.method(), request.uri().path()) {
         (&Method::POST, CERTIFY_PATH) => {
-            // The turn is taken before the body is read: a waiting request holds nothing.
+            // The body (at most 64 KiB) is read before a turn is taken, so a client that stalls
+            // mid-body holds no turn; the turn covers the work: CSR checks, the TokenReview and
+            // signing.
             let limits = &certifier.limits;
-            match tokio::time::timeout(limits.queue_timeout, certifier.turns.acquire()).await {
-                Ok(Ok(_turn)) => match read_body(request.into_body()).await {
-                    Ok(body) => certifier.certify(peer.ip(), &body).await,
-                    Err(e) => Err(e.into()),
-                },
-                // The semaphore is never closed; only the wait can end this way.
-                Ok(Err(_)) | Err(_) => Err(Refusal {
-                    error: CertifyError::new(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "identity is busy: {} certify requests in progress and this one \
-                             waited {:?} for its turn; retry with backoff",
-                            limits.max_concurrent, limits.queue_timeout
-                        ),
-                    ),
-                    retry_after: None,
-                    limit: Some("overloaded"),
-                }),
+            match read_body(request.into_body()).await {
+                Err(e) => Err(e.into()),
+                Ok(body) => {
+                    let turn =
+                        tokio::time::timeout(limits.queue_timeout, certifier.turns.acquire()).await;
+                    match turn {
+                        Ok(Ok(_turn)) => certifier.certify(peer.ip(), &body).await,
+                        // The semaphore is never closed; only the wait can end this way.
+                        Ok(Err(_)) | Err(_) => Err(Refusal {
+                            error: CertifyError::new(
+                                ErrorCode::Unavailable,
+                                format!(
+                                    "identity is busy: {} certify requests in progress and this \
+                                     one waited {:?} for its turn; retry with backoff",
+                                    limits.max_concurrent, limits.queue_timeout
+                                ),
+                            ),
+                            retry_after: None,
+                            limit: Some("overloaded"),
+                        }),
+                    }
+                }
             }
         }
         (_, CERTIFY_PATH) => {

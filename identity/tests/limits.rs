@@ -30,8 +30,9 @@ use common::{SERVER_NAME, TD, Version, WEB, certify, csr, uri};
 const DAY: Duration = Duration::from_secs(86400);
 const AUDIENCE: &str = "identity.trellis.dev";
 
-/// A scripted API server that authenticates every token as shop/web, counting TokenReviews.
-fn api_server() -> (kube::Client, Arc<AtomicUsize>) {
+/// A scripted API server that authenticates every token as shop/web after `delay`, counting
+/// TokenReviews.
+fn api_server(delay: Duration) -> (kube::Client, Arc<AtomicUsize>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let reviews = Arc::new(AtomicUsize::new(0));
     let counted = reviews.clone();
@@ -43,20 +44,23 @@ fn api_server() -> (kube::Client, Arc<AtomicUsize>) {
                 "/apis/authentication.k8s.io/v1/tokenreviews"
             );
             counted.fetch_add(1, Ordering::SeqCst);
-            let asked: Value =
-                serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
-                    .unwrap();
-            let answer = json!({
-                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
-                "spec": asked["spec"],
-                "status": {"authenticated": true, "audiences": [AUDIENCE],
-                           "user": {"username": "system:serviceaccount:shop:web"}},
+            tokio::spawn(async move {
+                let asked: Value =
+                    serde_json::from_slice(&request.into_body().collect_bytes().await.unwrap())
+                        .unwrap();
+                tokio::time::sleep(delay).await;
+                let answer = json!({
+                    "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {},
+                    "spec": asked["spec"],
+                    "status": {"authenticated": true, "audiences": [AUDIENCE],
+                               "user": {"username": "system:serviceaccount:shop:web"}},
+                });
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                        .unwrap(),
+                );
             });
-            send.send_response(
-                Response::builder()
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                    .unwrap(),
-            );
         }
     });
     (kube::Client::new(service, "default"), reviews)
@@ -89,7 +93,7 @@ async fn start(tokens: Tokens, limits: CertifyLimits) -> (SocketAddr, Material, 
 
 #[tokio::test]
 async fn a_caller_over_its_token_review_rate_gets_429_and_sends_no_review() {
-    let (client, reviews) = api_server();
+    let (client, reviews) = api_server(Duration::ZERO);
     let limits = CertifyLimits {
         reviews_per_second: 0.5,
         burst: 3,
@@ -180,6 +184,50 @@ async fn stalled_request(addr: SocketAddr, anchors_pem: &str) -> impl Drop {
 
 #[tokio::test]
 async fn a_request_without_a_turn_waits_then_gets_503() {
+    // TokenReviews that take a second hold both turns.
+    let (client, reviews) = api_server(Duration::from_secs(1));
+    let limits = CertifyLimits {
+        max_concurrent: 2,
+        queue_timeout: Duration::from_millis(300),
+        ..CertifyLimits::default()
+    };
+    let tokens = Tokens::Review(TokenReviewer::new(client, AUDIENCE));
+    let (addr, material, metrics) = start(tokens, limits).await;
+    let anchors = material.anchors_pem.clone();
+    let (pem, _) = csr(vec![uri(WEB)], |_| {});
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (anchors, pem) = (anchors.clone(), pem.clone());
+            tokio::spawn(async move { certify(addr, &anchors, Version::Http2, &pem, "t").await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let (status, body) = certify(addr, &anchors, Version::Http1, &pem, "t").await;
+    let waited = started.elapsed();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    let error: CertifyError = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error.code, ErrorCode::Unavailable);
+    assert!(
+        error.error.starts_with("identity is busy"),
+        "{}",
+        error.error
+    );
+    // The two in progress finish normally; the refused one caused no TokenReview.
+    for task in slow {
+        assert_eq!(task.await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(reviews.load(Ordering::SeqCst), 2);
+    let text = metrics.encode();
+    assert!(
+        text.contains("trellis_identity_certify_throttled_total{reason=\"overloaded\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn stalled_bodies_hold_no_turn() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokens");
     std::fs::write(&path, "web-token shop web\n").unwrap();
@@ -191,31 +239,19 @@ async fn a_request_without_a_turn_waits_then_gets_503() {
     let tokens = Tokens::Local(LocalTokens::load(&path).unwrap());
     let (addr, material, metrics) = start(tokens, limits).await;
     let anchors = &material.anchors_pem;
-    // Two clients hold both turns with bodies that never arrive.
-    let _a = stalled_request(addr, anchors).await;
-    let _b = stalled_request(addr, anchors).await;
+    // Ten clients send a request head and one byte of body, then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(stalled_request(addr, anchors).await);
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (pem, _) = csr(vec![uri(WEB)], |_| {});
-    let started = Instant::now();
-    let (status, body) = certify(addr, anchors, Version::Http2, &pem, "web-token").await;
-    let waited = started.elapsed();
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(waited >= Duration::from_millis(300), "{waited:?}");
-    let error: CertifyError = serde_json::from_slice(&body).unwrap();
-    assert_eq!(error.code, ErrorCode::Unavailable);
-    assert!(
-        error.error.starts_with("identity is busy"),
-        "{}",
-        error.error
-    );
-    assert!(
-        metrics
-            .encode()
-            .contains("trellis_identity_certify_throttled_total{reason=\"overloaded\"} 1")
-    );
-    // One stalled client gone frees a turn.
-    drop(_a);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let (status, _) = certify(addr, anchors, Version::Http1, &pem, "web-token").await;
-    assert_eq!(status, StatusCode::OK);
+    for version in [Version::Http2, Version::Http1] {
+        let started = Instant::now();
+        let (status, _) = certify(addr, anchors, version, &pem, "web-token").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(started.elapsed() < Duration::from_millis(300));
+    }
+    assert!(!metrics.encode().contains("certify_throttled_total{"));
+    drop(stalled);
 }
