@@ -329,4 +329,9 @@ pub struct Retry {
     /// Minimum wait between attempts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff_ms: Option<u64>,
+    /// GRPCRoute rules: gRPC status codes (`0`…`16`) that are retried when a call's answer
+    /// carries its status in the headers (a trailers-only answer). From the route's
+    /// `retry.trellis.dev/grpc` annotation; the Gateway API has no retry field for gRPC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<u16>,
 }

@@ -143,6 +143,34 @@ pub struct Args {
     /// Log filter, e.g. `info` or `trellis_proxy=debug,info`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
+    /// The most of a request body kept so the request can be retried or failed over; a longer
+    /// body is still sent whole, once.
+    #[arg(long, env = "TRELLIS_RETRY_MAX_BODY_BYTES", default_value_t = crate::replay::DEFAULT_MAX_BYTES)]
+    pub retry_max_body_bytes: usize,
+    /// Retries to a backend may add at most this share of its original requests (over
+    /// `--retry-budget-window`), plus `--retry-budget-min-per-second`.
+    #[arg(long, env = "TRELLIS_RETRY_BUDGET_RATIO", default_value_t = 0.2)]
+    pub retry_budget_ratio: f64,
+    /// Retries per second to a backend allowed whatever its request rate.
+    #[arg(
+        long,
+        env = "TRELLIS_RETRY_BUDGET_MIN_PER_SECOND",
+        default_value_t = 10.0
+    )]
+    pub retry_budget_min_per_second: f64,
+    /// The sliding window over which the retry budget counts requests and retries.
+    #[arg(long, env = "TRELLIS_RETRY_BUDGET_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub retry_budget_window: Duration,
+    /// Consecutive failures (no connection, a broken exchange, a timeout or a 5xx answer) that
+    /// eject an endpoint from load balancing; 0 never ejects.
+    #[arg(long, env = "TRELLIS_FAILURE_ACCRUAL_CONSECUTIVE", default_value_t = 5)]
+    pub failure_accrual_consecutive: u32,
+    /// How long an endpoint's first ejection lasts; each ejection in a row doubles it.
+    #[arg(long, env = "TRELLIS_FAILURE_ACCRUAL_PROBATION", default_value = "1s", value_parser = parse_duration)]
+    pub failure_accrual_probation: Duration,
+    /// The longest ejection.
+    #[arg(long, env = "TRELLIS_FAILURE_ACCRUAL_MAX_PROBATION", default_value = "60s", value_parser = parse_duration)]
+    pub failure_accrual_max_probation: Duration,
 }
 
 /// Why the settings cannot be used.
@@ -172,6 +200,15 @@ pub enum ConfigError {
     AnchorsFile { path: String, reason: String },
     #[error("--controller-identity: {0}")]
     ControllerIdentity(String),
+    #[error(
+        "--retry-budget-ratio and --retry-budget-min-per-second must be 0 or more, and \
+         --retry-budget-window at least 10ms"
+    )]
+    RetryBudget,
+    #[error(
+        "--failure-accrual-probation must be at least 1ms and at most --failure-accrual-max-probation"
+    )]
+    Probation,
 }
 
 /// Where the controller runs unless `--controller-identity` says otherwise.
@@ -243,6 +280,18 @@ impl Args {
             None => None,
             Some(_) => Some(self.controller_identity()?),
         };
+        let budget_ok = |v: f64| v.is_finite() && v >= 0.0;
+        if !budget_ok(self.retry_budget_ratio)
+            || !budget_ok(self.retry_budget_min_per_second)
+            || self.retry_budget_window < Duration::from_millis(10)
+        {
+            return Err(ConfigError::RetryBudget);
+        }
+        if self.failure_accrual_probation < Duration::from_millis(1)
+            || self.failure_accrual_probation > self.failure_accrual_max_probation
+        {
+            return Err(ConfigError::Probation);
+        }
         Ok(Config {
             args: self,
             opaque_ports,
@@ -252,6 +301,24 @@ impl Args {
             anchors_pem,
             controller_identity,
         })
+    }
+
+    /// The retry budget's settings.
+    pub fn retry_budget(&self) -> crate::retry::BudgetSettings {
+        crate::retry::BudgetSettings {
+            ratio: self.retry_budget_ratio,
+            min_per_second: self.retry_budget_min_per_second,
+            window: self.retry_budget_window,
+        }
+    }
+
+    /// The failure accrual settings.
+    pub fn accrual(&self) -> crate::balance::Accrual {
+        crate::balance::Accrual {
+            failures: self.failure_accrual_consecutive,
+            probation: self.failure_accrual_probation,
+            max_probation: self.failure_accrual_max_probation,
+        }
     }
 
     fn controller_identity(&self) -> Result<Identity, ConfigError> {
@@ -405,6 +472,39 @@ mod tests {
             err.to_string()
                 .starts_with("--app-probes (TRELLIS_APP_PROBES): ")
         );
+    }
+
+    #[test]
+    fn resilience_defaults_and_refusals() {
+        let c = validate(&[]).unwrap();
+        assert_eq!(
+            c.args.retry_budget(),
+            crate::retry::BudgetSettings::default()
+        );
+        assert_eq!(c.args.accrual(), crate::balance::Accrual::default());
+        assert_eq!(c.args.retry_max_body_bytes, 64 * 1024);
+        for bad in [
+            &["--retry-budget-ratio=-1"][..],
+            &["--retry-budget-ratio", "NaN"],
+            &["--retry-budget-min-per-second=-0.5"],
+            &["--retry-budget-window", "0s"],
+        ] {
+            assert_eq!(
+                validate(bad).unwrap_err(),
+                ConfigError::RetryBudget,
+                "{bad:?}"
+            );
+        }
+        for bad in [
+            &["--failure-accrual-probation", "0s"][..],
+            &["--failure-accrual-probation", "2m"],
+        ] {
+            assert_eq!(
+                validate(bad).unwrap_err(),
+                ConfigError::Probation,
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

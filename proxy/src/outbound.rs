@@ -19,7 +19,7 @@ use trellis_api::matching::RequestHead;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
-use crate::metrics::{DirectionLabels, RequestCache, RequestLabels};
+use crate::metrics::{RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::pool::RequestAuthority;
 use crate::proxy::Proxy;
@@ -185,10 +185,23 @@ async fn handle(proxy: &Proxy, conn: &Conn, req: Request<Incoming>) -> Response<
         peer_identity: proxy.empty_label.clone(),
         status: res.status().as_u16(),
     };
-    proxy
-        .metrics
-        .request(&conn.metrics, labels, started.elapsed());
-    res
+    let took = started.elapsed();
+    if !grpc {
+        proxy.metrics.request(&conn.metrics, labels, took);
+        return res;
+    }
+    // A gRPC call's status is in a trailers-only answer's headers, else in its trailers: then
+    // the call is counted when they pass.
+    match res.headers().get("grpc-status") {
+        Some(v) => {
+            let status = crate::metrics::grpc_status_label(v.as_bytes());
+            proxy
+                .metrics
+                .request_with_status(&conn.metrics, labels, status, took);
+            res
+        }
+        None => res.map(|body| proxy.metrics.request_at_trailers(labels, took, body)),
+    }
 }
 
 /// The subscription for this request: the connection's, or the one its Host names.
@@ -263,7 +276,7 @@ async fn route(
     let backend_and_rule: (Option<&Arc<Rule>>, Option<&str>) = match &svc.routing {
         Routing::Passthrough(backend) => {
             outcome.backend = backend_label(proxy, backend);
-            return send(proxy, backend, None, req, grpc).await;
+            return send(proxy, backend, None, req, grpc, outcome).await;
         }
         Routing::Http(set) => {
             let head = RequestHead::from(&req);
@@ -369,30 +382,34 @@ async fn route(
         );
     };
     outcome.backend = backend_label(proxy, backend);
+    // `timeouts.request` bounds the whole exchange: the response headers (every attempt and
+    // backoff included) and then the response stream.
     let mut res = match rule.timeouts.request_ms {
-        Some(ms) => match tokio::time::timeout(
-            Duration::from_millis(ms),
-            send(proxy, backend, Some(rule), req, grpc),
-        )
-        .await
-        {
-            Ok(res) => res,
-            Err(_) => {
-                proxy
-                    .metrics
-                    .timeouts
-                    .get_or_create(&DirectionLabels {
-                        direction: DIRECTION,
-                    })
-                    .inc();
-                h::local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the route's request timeout expired",
-                    grpc,
-                )
+        Some(ms) => {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+            let sent = send(proxy, backend, Some(rule), req, grpc, outcome);
+            match tokio::time::timeout_at(deadline, sent).await {
+                Ok(res) => res.map(|body| {
+                    let labels = timeout_labels(outcome, "request");
+                    let family = proxy.metrics.timeouts.clone();
+                    crate::retry::Deadline::new(body, deadline, grpc, (family, labels))
+                        .boxed_unsync()
+                }),
+                Err(_) => {
+                    proxy
+                        .metrics
+                        .timeouts
+                        .get_or_create(&timeout_labels(outcome, "request"))
+                        .inc();
+                    h::local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the route's request timeout expired",
+                        grpc,
+                    )
+                }
             }
-        },
-        None => send(proxy, backend, Some(rule), req, grpc).await,
+        }
+        None => send(proxy, backend, Some(rule), req, grpc, outcome).await,
     };
     apply_response_filters(rule, Some(backend), &mut res);
     res
@@ -464,6 +481,7 @@ async fn send(
     rule: Option<&Rule>,
     req: Request<impl hyper::body::Body<Data = Bytes, Error: Into<h::BoxError>> + Send + 'static>,
     grpc: bool,
+    at: &Outcome,
 ) -> Response<Body> {
     let (status, reason) = match &backend.target {
         Target::Answer { status, reason } => (*status, reason.as_str()),
@@ -473,7 +491,12 @@ async fn send(
             if balancer.is_empty() {
                 (503, "the backend has no ready endpoints")
             } else {
-                return send_to_service(proxy, backend, balancer, *http2, rule, req, grpc).await;
+                let target = ServiceTarget {
+                    backend,
+                    balancer,
+                    http2: *http2,
+                };
+                return send_to_service(proxy, &target, rule, req, grpc, at).await;
             }
         }
     };
@@ -484,31 +507,102 @@ async fn send(
     )
 }
 
+/// A backend Service and its endpoints.
+struct ServiceTarget<'a> {
+    backend: &'a Backend,
+    balancer: &'a crate::balance::Balancer,
+    http2: bool,
+}
+
+/// Where each attempt's body comes from.
+enum Bodies {
+    /// An empty body: every attempt sends an empty one.
+    Empty,
+    /// A body sent once: no attempt can follow one that took it.
+    Once(Option<Body>),
+    /// A body kept while it streams, for attempts after the first.
+    Replay(crate::replay::ReplayBody),
+}
+
+impl Bodies {
+    fn next(&mut self) -> Option<Body> {
+        match self {
+            Bodies::Empty => Some(h::empty()),
+            Bodies::Once(b) => b.take(),
+            Bodies::Replay(r) => r.replay().map(BodyExt::boxed_unsync),
+        }
+    }
+
+    /// Whether another attempt could send the body whole.
+    fn can_resend(&self) -> bool {
+        match self {
+            Bodies::Empty => true,
+            Bodies::Once(_) => false,
+            Bodies::Replay(r) => r.is_replayable(),
+        }
+    }
+}
+
+fn at_labels(at: &Outcome) -> crate::metrics::RouteBackendLabels {
+    crate::metrics::RouteBackendLabels {
+        direction: DIRECTION,
+        parent: at.parent.clone(),
+        route: at.route.clone(),
+        backend: at.backend.clone(),
+    }
+}
+
+fn timeout_labels(at: &Outcome, timeout: &'static str) -> crate::metrics::TimeoutLabels {
+    crate::metrics::TimeoutLabels {
+        at: at_labels(at),
+        timeout,
+    }
+}
+
+/// Sends `req` to an endpoint of the backend, and again (elsewhere) while it is safe and
+/// allowed: see [`crate::retry`] for the rules, [`crate::balance`] for failure accrual.
 async fn send_to_service(
     proxy: &Proxy,
-    backend: &Backend,
-    balancer: &crate::balance::Balancer,
-    http2: bool,
+    target: &ServiceTarget<'_>,
     rule: Option<&Rule>,
     req: Request<impl hyper::body::Body<Data = Bytes, Error: Into<h::BoxError>> + Send + 'static>,
     grpc: bool,
+    at: &Outcome,
 ) -> Response<Body> {
-    let retry = rule.and_then(|r| r.retry.as_ref());
+    use crate::retry::{Failure, MAX_RETRIES};
+    let ServiceTarget {
+        backend,
+        balancer,
+        http2,
+    } = *target;
+    let args = &proxy.config.args;
+    let policy = rule.and_then(|r| r.retry.as_ref());
     let attempt_timeout = rule
         .and_then(|r| r.timeouts.backend_request_ms)
         .map(Duration::from_millis);
+    let retries = policy.map_or(0, |r| r.attempts.min(MAX_RETRIES));
+    let budget = args.retry_budget();
+    if retries > 0 {
+        balancer.budget.deposit(&budget);
+    }
+    // A failed connect carried nothing: another endpoint can take the request.
+    let can_fail_over = balancer.endpoints().len() > 1;
     let (mut parts, body) = req.into_parts();
     let body = body.map_err(Into::into).boxed_unsync();
-    // A body can be sent again only if it is empty; a streamed body is sent once.
-    let replayable = body.is_end_stream();
-    let mut body = Some(body);
-    let retries = retry.map_or(0, |r| r.attempts);
-    // The two ways to another attempt: the route's retries, and one try of another endpoint
-    // after a failed connect.
-    let can_retry = |attempt: u32| replayable && attempt < retries;
-    let can_fail_over = |attempt: u32| replayable && attempt == 0 && balancer.endpoints().len() > 1;
+    let mut bodies = if body.is_end_stream() {
+        Bodies::Empty
+    } else if retries > 0 || can_fail_over {
+        Bodies::Replay(crate::replay::ReplayBody::new(
+            body,
+            args.retry_max_body_bytes,
+        ))
+    } else {
+        Bodies::Once(Some(body))
+    };
+    let accrual = args.accrual();
     let mut avoid = None;
-    let mut attempt = 0u32;
+    // Attempts after the first, and those of them that were the route's retries.
+    let (mut attempt, mut retried) = (0u32, 0u32);
     loop {
         let Some(ep) = balancer.pick_excluding(avoid) else {
             return h::local(
@@ -517,17 +611,20 @@ async fn send_to_service(
                 grpc,
             );
         };
-        let this_body = if replayable {
-            h::empty()
-        } else {
-            match body.take() {
-                Some(b) => b,
-                None => h::empty(),
-            }
+        let Some(this_body) = bodies.next() else {
+            // Replay was given up since the decision to try again (an earlier attempt's body
+            // was still being read): nothing whole can be sent.
+            return h::local(
+                StatusCode::BAD_GATEWAY,
+                "the backend failed and the request body is too large to send again",
+                grpc,
+            );
         };
         let meshed = ep.identity.is_some();
         // Only an attempt that may be followed by another needs its own copy of the headers.
-        let headers = if can_retry(attempt) || can_fail_over(attempt) {
+        let may_follow =
+            bodies.can_resend() && attempt < MAX_RETRIES && (retried < retries || can_fail_over);
+        let headers = if may_follow {
             parts.headers.clone()
         } else {
             std::mem::take(&mut parts.headers)
@@ -549,7 +646,7 @@ async fn send_to_service(
                 );
             }
         };
-        let in_flight = ep.start();
+        let mut in_flight = ep.start();
         let sent = proxy.upstream.send(upstream_req, http2 || meshed);
         let result = match attempt_timeout {
             Some(t) => tokio::time::timeout(t, sent)
@@ -558,73 +655,178 @@ async fn send_to_service(
             None => Ok(sent.await),
         }
         .and_then(|r| r.map_err(AttemptError::Upstream));
-        drop(in_flight);
-        let retryable = can_retry(attempt);
-        match result {
+        // What failed, if anything, and whether it counts against the endpoint.
+        let (failure, endpoint_failed) = match &result {
             Ok(res) => {
                 let code = res.status().as_u16();
-                if retryable && retry.is_some_and(|r| r.codes.contains(&code)) {
-                    h::discard(res.into_body(), DISCARD_LIMIT).await;
-                } else {
-                    return h::from_upstream(res);
-                }
+                let asked = policy.is_some_and(|p| {
+                    p.codes.contains(&code)
+                        || (grpc
+                            && !p.grpc_codes.is_empty()
+                            && res
+                                .headers()
+                                .get("grpc-status")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.parse::<u16>().ok())
+                                .is_some_and(|c| p.grpc_codes.contains(&c)))
+                });
+                (asked.then_some(Failure::Status), code >= 500)
             }
-            Err(AttemptError::Timeout) => {
-                if !retryable {
+            Err(AttemptError::Timeout) => (Some(Failure::Timeout), true),
+            Err(AttemptError::Upstream(e)) => {
+                tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
+                let f = if e.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Connection
+                };
+                (Some(f), true)
+            }
+        };
+        if endpoint_failed {
+            if in_flight.failure(&accrual) {
+                tracing::info!(endpoint = %ep.addr, backend = %at.backend, "endpoint ejected after consecutive failures");
+                proxy.metrics.ejections.get_or_create(&at_labels(at)).inc();
+            }
+        } else {
+            in_flight.success();
+        }
+        drop(in_flight);
+        let Some(failure) = failure else {
+            // A success, or a failure the route did not ask to retry: passed on as it is.
+            return match result {
+                Ok(res) => h::from_upstream(res),
+                Err(_) => unreachable_answer(grpc),
+            };
+        };
+        let allowed =
+            bodies.can_resend() && attempt < MAX_RETRIES && failure.is_safe_to_retry(&parts.method);
+        let fail_over = allowed && failure == Failure::Connect && can_fail_over;
+        let mut retry = allowed && !fail_over && retried < retries;
+        if retry && !balancer.budget.withdraw(&budget) {
+            proxy
+                .metrics
+                .retry_budget_exhausted
+                .get_or_create(&at_labels(at))
+                .inc();
+            retry = false;
+        }
+        if !(fail_over || retry) {
+            return match (result, failure) {
+                (Ok(res), _) => h::from_upstream(res),
+                (Err(_), Failure::Timeout) => {
                     proxy
                         .metrics
                         .timeouts
-                        .get_or_create(&DirectionLabels {
-                            direction: DIRECTION,
-                        })
+                        .get_or_create(&timeout_labels(at, "backend_request"))
                         .inc();
-                    return h::local(
+                    h::local(
                         StatusCode::GATEWAY_TIMEOUT,
                         "the route's backend request timeout expired",
                         grpc,
-                    );
+                    )
                 }
-            }
-            Err(AttemptError::Upstream(e)) => {
-                // A connection that was never made carried no byte: trying another endpoint
-                // once is safe even without a retry policy.
-                let connect_failed = e.is_connect();
-                tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
-                if !(retryable || (connect_failed && can_fail_over(attempt))) {
-                    proxy.metrics.error(
-                        DIRECTION,
-                        if connect_failed {
-                            "connect"
-                        } else {
-                            "upstream"
-                        },
-                    );
-                    return h::local(
+                (Err(_), f) => {
+                    let connect = f == Failure::Connect;
+                    proxy
+                        .metrics
+                        .error(DIRECTION, if connect { "connect" } else { "upstream" });
+                    h::local(
                         StatusCode::BAD_GATEWAY,
                         "the backend could not be reached",
                         grpc,
-                    );
+                    )
                 }
-                avoid = Some(ep.addr);
-            }
+            };
         }
-        attempt += 1;
+        if let Ok(res) = result {
+            // Read so the connection can be reused, within a bound.
+            h::discard(res.into_body(), DISCARD_LIMIT).await;
+        }
         proxy
             .metrics
             .retries
-            .get_or_create(&DirectionLabels {
-                direction: DIRECTION,
+            .get_or_create(&crate::metrics::RetryLabels {
+                at: at_labels(at),
+                reason: failure.label(),
             })
             .inc();
-        if let Some(ms) = retry.and_then(|r| r.backoff_ms) {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+        avoid = Some(ep.addr);
+        attempt += 1;
+        if retry {
+            retried += 1;
+            let base = policy.and_then(|p| p.backoff_ms).map(Duration::from_millis);
+            tokio::time::sleep(crate::retry::backoff(base, retried, fastrand::f64())).await;
         }
     }
+}
+
+/// The answer for an attempt that failed when no other follows; kept apart so the retry loop
+/// reads as decisions.
+fn unreachable_answer(grpc: bool) -> Response<Body> {
+    h::local(
+        StatusCode::BAD_GATEWAY,
+        "the backend could not be reached",
+        grpc,
+    )
 }
 
 enum AttemptError {
     Timeout,
     Upstream(crate::http::UpstreamError),
+}
+
+/// An upgrade request to one endpoint of `backend`.
+async fn upgrade_to(
+    proxy: &Arc<Proxy>,
+    upgrade: Pending,
+    backend: &Backend,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> Response<Body> {
+    let balancer = match &backend.target {
+        Target::Service { balancer, .. } => balancer,
+        Target::Answer { status, reason } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return h::local(status, reason, grpc);
+        }
+    };
+    let Some(ep) = balancer.pick() else {
+        return h::local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the backend has no ready endpoints",
+            grpc,
+        );
+    };
+    let (mut parts, body) = req.into_parts();
+    let headers = std::mem::take(&mut parts.headers);
+    let meshed = ep.identity.is_some();
+    let Ok(upstream_req) = build_upstream(
+        &parts,
+        headers,
+        h::incoming(body),
+        &ep.authority,
+        meshed,
+        backend.request_headers.as_ref(),
+    ) else {
+        return h::local(
+            StatusCode::BAD_REQUEST,
+            "the request cannot be forwarded",
+            grpc,
+        );
+    };
+    let _in_flight = ep.start();
+    upgrade
+        .forward(
+            proxy,
+            DIRECTION,
+            upstream_req,
+            ep.addr,
+            meshed,
+            ep.identity.as_ref(),
+            grpc,
+        )
+        .await
 }
 
 /// Traffic that is not for a Service: to the address the app asked for, unrouted.

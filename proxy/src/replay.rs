@@ -54,6 +54,15 @@ struct Shared {
 #[error("the request body passed the retry buffer's cap and cannot be sent again")]
 pub struct ReplayGivenUp;
 
+impl std::fmt::Debug for ReplayBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayBody")
+            .field("pos", &self.pos)
+            .field("sent", &self.sent)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ReplayBody {
     /// Wraps `body`, keeping at most `cap` bytes for replay. A body that announces more than
     /// `cap` bytes is never kept.

@@ -13,6 +13,9 @@
 //! - **Budget.** Retries to a backend may add at most a ratio of its original requests over a
 //!   sliding window, plus a minimum rate so that a quiet backend can still be retried (Finagle's
 //!   and Linkerd's retry budget). When the budget is spent the failed answer goes to the client.
+//!
+//! [`Deadline`] is the other half of a rule's resilience settings: the request timeout's bound
+//! on the response stream.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -180,6 +183,108 @@ impl Window {
     }
 }
 
+/// A response body cut at the rule's request deadline (`timeouts.request` bounds the whole
+/// exchange, the response stream included). An HTTP body ends with an error, which the client
+/// sees as a reset stream or a response cut before its end; a gRPC body ends with trailers
+/// carrying `DEADLINE_EXCEEDED` (4), as a gRPC server's own deadline would.
+pub struct Deadline {
+    inner: crate::http::Body,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    grpc: bool,
+    done: bool,
+    /// Counted when the deadline cuts the body.
+    expired: Option<(
+        prometheus_client::metrics::family::Family<
+            crate::metrics::TimeoutLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        crate::metrics::TimeoutLabels,
+    )>,
+}
+
+impl std::fmt::Debug for Deadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deadline")
+            .field("grpc", &self.grpc)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Deadline {
+    pub fn new(
+        inner: crate::http::Body,
+        at: Instant,
+        grpc: bool,
+        expired: (
+            prometheus_client::metrics::family::Family<
+                crate::metrics::TimeoutLabels,
+                prometheus_client::metrics::counter::Counter,
+            >,
+            crate::metrics::TimeoutLabels,
+        ),
+    ) -> Self {
+        Self {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            grpc,
+            done: false,
+            expired: Some(expired),
+        }
+    }
+}
+
+/// The error a response body cut at the request deadline ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("the route's request timeout expired while the response was streaming")]
+pub struct StreamTimedOut;
+
+impl hyper::body::Body for Deadline {
+    type Data = bytes::Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            if frame.is_none() {
+                self.done = true;
+            }
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.done = true;
+        if let Some((family, labels)) = self.expired.take() {
+            family.get_or_create(&labels).inc();
+        }
+        if self.grpc {
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("4"));
+            t.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("the route's request timeout expired"),
+            );
+            return Poll::Ready(Some(Ok(hyper::body::Frame::trailers(t))));
+        }
+        Poll::Ready(Some(Err(Box::new(StreamTimedOut))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +341,70 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         let granted = (0..1000).filter(|_| b.withdraw(&s)).count();
         assert_eq!(granted, 10);
+    }
+
+    fn expired_counter() -> (
+        prometheus_client::metrics::family::Family<
+            crate::metrics::TimeoutLabels,
+            prometheus_client::metrics::counter::Counter,
+        >,
+        crate::metrics::TimeoutLabels,
+    ) {
+        let empty: std::sync::Arc<str> = std::sync::Arc::from("");
+        let labels = crate::metrics::TimeoutLabels {
+            at: crate::metrics::RouteBackendLabels {
+                direction: "outbound",
+                parent: empty.clone(),
+                route: empty.clone(),
+                backend: empty,
+            },
+            timeout: "request",
+        };
+        (Default::default(), labels)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_response_is_cut_at_the_deadline() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let stalled = http_body_util::BodyExt::boxed_unsync(Chunks(rx));
+        let (family, labels) = expired_counter();
+        let at = Instant::now() + Duration::from_secs(2);
+        let mut body = Deadline::new(stalled, at, false, (family.clone(), labels.clone()));
+        tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "first");
+        // Nothing more comes: the next read ends at the deadline, with an error.
+        let started = Instant::now();
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert!(body.frame().await.is_none());
+        assert_eq!(family.get_or_create(&labels).get(), 1);
+        // gRPC: DEADLINE_EXCEEDED trailers instead.
+        let (_tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let at = Instant::now() + Duration::from_secs(1);
+        let grpc = Deadline::new(Chunks(rx).boxed_unsync(), at, true, expired_counter());
+        let collected = grpc.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "4");
+        drop(tx);
+    }
+
+    /// A response body fed chunk by chunk; it ends when the sender is dropped.
+    struct Chunks(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+    impl hyper::body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = crate::http::BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            self.0
+                .poll_recv(cx)
+                .map(|c| c.map(|c| Ok(hyper::body::Frame::data(c))))
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -825,5 +825,6 @@ fn retry(r: &gateway_api::experimental::httproutes::HttpRouteRulesRetry) -> Resu
         codes,
         attempts,
         backoff_ms,
+        grpc_codes: Vec::new(),
     })
 }
