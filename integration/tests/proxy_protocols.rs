@@ -70,3 +70,146 @@ async fn http2_authority_is_kept_and_rewritten_as_authority() {
     assert_eq!(seen.authority.as_deref(), Some("rewritten.example"));
     assert_eq!(seen.header("host"), None);
 }
+
+/// A Service `ws` whose one pod (meshed, at `.20`) runs a WebSocket app, routed by an
+/// HTTPRoute that adds a header on `/chat`.
+fn ws_cluster(block: u8) -> String {
+    let pod = ip(block, 20);
+    format!(
+        "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: ws-0, namespace: mesh, annotations: {{trellis.dev/proxy-version: test}}}}
+spec: {{serviceAccountName: ws, containers: [{{name: app, image: ws}}]}}
+status: {{podIP: {pod}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: ws, namespace: mesh}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: ws-1, namespace: mesh, labels: {{kubernetes.io/service-name: ws}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: ['{pod}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: ws-0}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: ws, namespace: mesh}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: ws, port: 80}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /chat}}}}]
+    filters: [{{type: RequestHeaderModifier, requestHeaderModifier: {{set: [{{name: x-routed, value: chat}}]}}}}]
+    backendRefs: [{{name: ws, port: 80}}]
+"
+    )
+}
+
+/// A WebSocket app: greets, then echoes every message; reports the handshake's headers.
+async fn ws_app(addr: SocketAddr) -> tokio::sync::mpsc::UnboundedReceiver<http::HeaderMap> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let callback =
+                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request, res| {
+                        let _ = tx.send(req.headers().clone());
+                        Ok(res)
+                    };
+                let mut ws = tokio_tungstenite::accept_hdr_async(stream, callback)
+                    .await
+                    .unwrap();
+                ws.send(Message::text("hello from ws-0")).await.unwrap();
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    ws.send(msg).await.unwrap();
+                }
+            });
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_cross_the_mesh_routed_both_ways_and_idle() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::time::Duration;
+    use tokio_tungstenite::tungstenite::Message;
+    use trellis_integration::{Controller, Sidecar};
+
+    let block = 92;
+    let dir = trellis_integration::scratch_dir();
+    std::fs::write(dir.path().join("cluster.yaml"), ws_cluster(block)).unwrap();
+    let ca = Ca::new(ip(block, 100), "1h", &[(NS, "client"), (NS, "ws")]);
+    let controller = trellis_integration::Controller::start_with(
+        dir.path(),
+        SocketAddr::new(ip(block, 1), 0),
+        &ca.controller_flags(CONTROLLER_ACCOUNT.1),
+    );
+    let _: &Controller = &controller;
+    let mut headers = ws_app(SocketAddr::new(ip(block, 20), 8080)).await;
+    // HTTP connections idle for a second are closed: an upgraded one is not HTTP any more.
+    let sidecar = |host: u8, sa: &str| {
+        let mut flags = ca.flags(NS, sa);
+        flags.extend(["--http-idle-timeout".into(), "1s".into()]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Sidecar::start(ip(block, host), NS, controller.addr, &flags)
+    };
+    let _server = sidecar(20, "ws");
+    let client = sidecar(9, "client");
+
+    let stream = tokio::net::TcpStream::connect(client.outbound())
+        .await
+        .unwrap();
+    let (mut ws, res) =
+        tokio_tungstenite::client_async("ws://ws.mesh.svc.cluster.local/chat", stream)
+            .await
+            .unwrap();
+    assert_eq!(res.status(), 101);
+    let seen = headers.recv().await.unwrap();
+    assert_eq!(seen["x-routed"], "chat", "routed by the HTTPRoute");
+    assert_eq!(
+        seen["trellis-client-id"], "spiffe://cluster.local/ns/mesh/sa/client",
+        "over mutual TLS"
+    );
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("hello from ws-0")
+    );
+    for text in ["one", "two"] {
+        ws.send(Message::text(text)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    // Long-lived and idle past the HTTP idle timeout: still open.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::binary(vec![1u8, 2, 3])
+    );
+    // The close handshake goes through and ends the stream.
+    ws.close(None).await.unwrap();
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(other) => panic!("after close: {other:?}"),
+        }
+    }
+    let text = client.metrics().await;
+    assert!(
+        text.contains("route=\"mesh/ws\"") && text.contains("status=\"101\""),
+        "{text}"
+    );
+}

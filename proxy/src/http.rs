@@ -136,7 +136,8 @@ where
         inner: service,
         clock: clock.clone(),
     };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: a `101` answer hands the connection over (see `crate::upgrade`).
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -18,6 +18,7 @@ use crate::hop;
 use crate::http::{self as h, Body, ORIG_PROTO};
 use crate::metrics::{RequestCache, RequestLabels};
 use crate::proxy::Proxy;
+use crate::upgrade::Pending;
 use crate::{listen, tcp};
 
 const DIRECTION: &str = "inbound";
@@ -190,7 +191,7 @@ async fn deliver<I>(
 }
 
 async fn handle(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     app: &Authority,
     cache: &RequestCache,
     peer: Option<(Arc<str>, HeaderValue)>,
@@ -224,11 +225,12 @@ async fn handle(
 
 /// Delivers a request to the app, in the HTTP version the original client spoke.
 async fn forward(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     app: &Authority,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     grpc: bool,
 ) -> Response<Body> {
+    let upgrade = Pending::take(&mut req);
     let (mut parts, body) = req.into_parts();
     // A proxy upgraded this request to HTTP/2 for the hop: the app gets HTTP/1.1 again.
     let downgrade = parts.headers.remove(ORIG_PROTO).is_some();
@@ -260,6 +262,12 @@ async fn forward(
     let mut upstream_req = Request::from_parts(parts, h::incoming(body));
     if let Some(a) = authority {
         upstream_req.extensions_mut().insert(a);
+    }
+    if let Some(upgrade) = upgrade {
+        let addr = proxy.hop.app.addr(app.port_u16().unwrap_or(80));
+        return upgrade
+            .forward(proxy, DIRECTION, upstream_req, addr, None, grpc)
+            .await;
     }
     match proxy.upstream.send(upstream_req, http2).await {
         Ok(res) => h::from_upstream(res),

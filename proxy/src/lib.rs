@@ -30,3 +30,4 @@ pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod tcp;
+pub mod upgrade;

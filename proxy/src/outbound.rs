@@ -23,6 +23,7 @@ use crate::metrics::{RequestCache, RequestLabels};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::pool::RequestAuthority;
 use crate::proxy::Proxy;
+use crate::upgrade::Pending;
 use crate::{listen, tcp};
 use trellis_api::filters::CompiledHeaderModifier;
 
@@ -170,7 +171,7 @@ impl Outcome {
     }
 }
 
-async fn handle(proxy: &Proxy, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(proxy: &Arc<Proxy>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let grpc = h::is_grpc(&req);
     let mut outcome = Outcome::new(proxy);
@@ -239,12 +240,13 @@ fn subscription(
 }
 
 async fn route(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     conn: &Conn,
     mut req: Request<Incoming>,
     grpc: bool,
     outcome: &mut Outcome,
 ) -> Response<Body> {
+    let upgrade = Pending::take(&mut req);
     let (sub, orig_dst) = match subscription(proxy, conn, &req) {
         Ok(s) => s,
         Err(why) => {
@@ -268,7 +270,7 @@ async fn route(
     };
     let svc = match &policy.kind {
         PolicyKind::Forward { identity } => {
-            return forward_unrouted(proxy, req, orig_dst, identity.as_ref(), grpc).await;
+            return forward_unrouted(proxy, req, orig_dst, identity.as_ref(), upgrade, grpc).await;
         }
         PolicyKind::Service(svc) => svc,
     };
@@ -276,6 +278,9 @@ async fn route(
     let backend_and_rule: (Option<&Arc<Rule>>, Option<&str>) = match &svc.routing {
         Routing::Passthrough(backend) => {
             outcome.backend = backend_label(proxy, backend);
+            if let Some(upgrade) = upgrade {
+                return upgrade_to(proxy, upgrade, backend, req, grpc).await;
+            }
             return send(proxy, backend, None, req, grpc, outcome).await;
         }
         Routing::Http(set) => {
@@ -369,11 +374,6 @@ async fn route(
             Filter::ResponseHeaders(_) => {}
         }
     }
-    let req = if mirrors.is_empty() {
-        req.map(h::incoming)
-    } else {
-        crate::mirror::start(proxy, req, &mirrors)
-    };
     let Some(backend) = rule.backends.pick() else {
         return h::local(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -382,6 +382,17 @@ async fn route(
         );
     };
     outcome.backend = backend_label(proxy, backend);
+    // An upgraded connection is a byte stream for one backend: not mirrored, not retried.
+    if let Some(upgrade) = upgrade {
+        let mut res = upgrade_to(proxy, upgrade, backend, req, grpc).await;
+        apply_response_filters(rule, Some(backend), &mut res);
+        return res;
+    }
+    let req = if mirrors.is_empty() {
+        req.map(h::incoming)
+    } else {
+        crate::mirror::start(proxy, req, &mirrors)
+    };
     // `timeouts.request` bounds the whole exchange: the response headers (every attempt and
     // backoff included) and then the response stream.
     let mut res = match rule.timeouts.request_ms {
@@ -822,7 +833,6 @@ async fn upgrade_to(
             DIRECTION,
             upstream_req,
             ep.addr,
-            meshed,
             ep.identity.as_ref(),
             grpc,
         )
@@ -831,10 +841,11 @@ async fn upgrade_to(
 
 /// Traffic that is not for a Service: to the address the app asked for, unrouted.
 async fn forward_unrouted(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     req: Request<Incoming>,
     orig_dst: Option<SocketAddr>,
     identity: Option<&Identity>,
+    upgrade: Option<Pending>,
     grpc: bool,
 ) -> Response<Body> {
     let meshed = identity.is_some();
@@ -891,6 +902,11 @@ async fn forward_unrouted(
             grpc,
         );
     };
+    if let Some(upgrade) = upgrade {
+        return upgrade
+            .forward(proxy, DIRECTION, upstream_req, addr, identity, grpc)
+            .await;
+    }
     match proxy.upstream.send(upstream_req, http2 || meshed).await {
         Ok(res) => h::from_upstream(res),
         Err(e) => {

@@ -35,6 +35,22 @@ pub async fn forward<C>(
             return;
         }
     };
+    splice(proxy, direction, client, upstream, addr).await;
+}
+
+/// Copies bytes both ways between two connections (an opaque one and its upstream, or an
+/// upgraded HTTP connection and its upstream) until both sides are done or neither has moved
+/// a byte for `--tcp-idle-timeout`; counts the bytes.
+pub async fn splice<C, U>(
+    proxy: &Proxy,
+    direction: &'static str,
+    client: C,
+    upstream: U,
+    addr: SocketAddr,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let idle = proxy.config.args.tcp_idle_timeout;
     let clock = Clock::default();
     let mut client = Tracked::new(client, &clock);
