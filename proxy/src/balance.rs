@@ -8,12 +8,14 @@
 //! updates may lose a sample, which an estimate tolerates.
 //!
 //! A failure (no connection, a broken exchange, a timeout, a 5xx answer) counts as a round
-//! trip of [`FAILURE_PENALTY`], so an endpoint that fails fast does not look cheap. After
+//! trip of twice the endpoint's current estimate (at most [`MAX_FAILURE_PENALTY`]), so an
+//! endpoint that fails fast does not look cheap: each failure in a row doubles its cost, and
+//! the estimate's decay brings it back to be tried again. After
 //! `--failure-accrual-consecutive` failures in a row an endpoint is ejected: not picked for a
 //! probation that starts at `--failure-accrual-probation` and doubles with each ejection in a
 //! row up to `--failure-accrual-max-probation`. When the probation ends the endpoint gets
-//! requests again; one more failure ejects it for the next, longer probation, one success
-//! clears its record. Ejection never empties a backend: when every endpoint is ejected the
+//! requests again with a newcomer's estimate; one more failure ejects it for the next, longer
+//! probation, one success clears its record. Ejection never empties a backend: when every endpoint is ejected the
 //! balancer picks among them all as if none were.
 
 use std::collections::HashMap;
@@ -29,8 +31,8 @@ use trellis_api::Identity;
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// How fast a peak fades: after about this long, old samples weigh 1/e.
 const DECAY: Duration = Duration::from_secs(10);
-/// The round trip a failure counts as: with the peak estimate it takes effect at once.
-pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// The most a failure's doubled estimate can reach.
+pub const MAX_FAILURE_PENALTY: Duration = Duration::from_secs(10);
 
 /// Failure accrual settings (`--failure-accrual-*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +133,12 @@ impl EndpointState {
             .min(accrual.max_probation.max(accrual.probation));
         let until = now.saturating_add(u64::try_from(probation.as_nanos()).unwrap_or(u64::MAX));
         self.ejected_until_ns.store(until, Ordering::Relaxed);
+        // The ejection stands in for the failures' penalty: back from probation the endpoint
+        // starts with a newcomer's estimate, so that it is tried rather than left out until
+        // a doubled estimate has decayed.
+        self.rtt_ns
+            .store((DEFAULT_RTT.as_nanos() as f64).to_bits(), Ordering::Relaxed);
+        self.stamp_ns.store(now, Ordering::Relaxed);
         // Back from probation, one more failure ejects it again.
         self.failures
             .store(accrual.failures.saturating_sub(1), Ordering::Relaxed);
@@ -144,10 +152,14 @@ impl EndpointState {
     }
 
     fn cost_at(&self, now: u64) -> f64 {
+        self.estimate_at(now) * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+    }
+
+    /// The round-trip estimate in nanoseconds, decayed for the time without answers.
+    fn estimate_at(&self, now: u64) -> f64 {
         let rtt = f64::from_bits(self.rtt_ns.load(Ordering::Relaxed));
         let idle = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed)) as f64;
-        let decayed = rtt * (-idle / DECAY.as_nanos() as f64).exp();
-        decayed * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+        rtt * (-idle / DECAY.as_nanos() as f64).exp()
     }
 
     fn observe(&self, rtt: Duration) {
@@ -198,8 +210,8 @@ impl InFlight {
         self.endpoint.succeeded();
     }
 
-    /// The request failed: its round trip counts as [`FAILURE_PENALTY`], and the failure
-    /// towards ejection. `true` when this failure ejected the endpoint.
+    /// The request failed: its round trip counts as twice the endpoint's estimate, and the
+    /// failure towards ejection. `true` when this failure ejected the endpoint.
     pub fn failure(&mut self, accrual: &Accrual) -> bool {
         self.failed = true;
         self.endpoint.failed_at(now_ns(), accrual)
@@ -210,7 +222,11 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let took = self.started.elapsed();
         self.endpoint.observe(match self.failed {
-            true => took.max(FAILURE_PENALTY),
+            true => {
+                let doubled = 2.0 * self.endpoint.estimate_at(now_ns());
+                let penalty = Duration::from_nanos(doubled as u64).min(MAX_FAILURE_PENALTY);
+                took.max(penalty)
+            }
             false => took,
         });
         self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
@@ -425,7 +441,8 @@ mod tests {
                 ..Accrual::default()
             });
         }
-        assert!(failing.rtt_estimate() >= FAILURE_PENALTY);
+        assert!(failing.rtt_estimate() > slow.rtt_estimate());
+        assert!(failing.rtt_estimate() <= MAX_FAILURE_PENALTY);
         let b = Balancer::new(vec![failing, slow]);
         assert!((0..100).all(|_| b.pick().unwrap().addr.port() == 2));
     }
