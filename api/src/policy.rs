@@ -319,6 +319,11 @@ impl Timeouts {
     }
 }
 
+/// The GRPCRoute annotation that sets a retry policy for every rule of the route (the
+/// Gateway API has no retry field for gRPC): `{"codes": ["unavailable"], "attempts": 2,
+/// "backoff": "50ms"}`, the shape of an HTTPRoute rule's `retry` with gRPC status codes.
+pub const GRPC_RETRY_ANNOTATION: &str = "retry.trellis.dev/grpc";
+
 /// Retry policy of a rule (Gateway API experimental channel).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retry {

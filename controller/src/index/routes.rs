@@ -25,6 +25,7 @@ use trellis_api::policy::{
 
 use super::services::Services;
 use crate::status::reason;
+use trellis_api::policy::GRPC_RETRY_ANNOTATION;
 
 /// A route of either kind, compiled once per index build.
 #[derive(Clone, Debug)]
@@ -187,6 +188,8 @@ pub fn compile_grpc(route: &GrpcRoute, services: &Services) -> CompiledRoute {
     let mut rules = Vec::new();
     let mut invalid = Vec::new();
     let mut valid_rules = 0;
+    // The Gateway API gives GRPCRoute rules no retry field: an annotation sets one for all.
+    let retry = grpc_retry(&route.metadata);
     for (index, rule) in route.spec.rules.iter().flatten().enumerate() {
         let matches: Result<Vec<GrpcMatch>, String> =
             rule.matches.iter().flatten().map(grpc_match).collect();
@@ -203,8 +206,8 @@ pub fn compile_grpc(route: &GrpcRoute, services: &Services) -> CompiledRoute {
                     reshape::<_, Option<Vec<HttpRouteRulesBackendRefs>>>(&rule.backend_refs)?;
                 rule_body(filters.as_deref(), backends.as_deref(), None, &mut ctx)
             });
-        match body {
-            Ok((filters, backends)) => {
+        match body.and_then(|b| Ok((b, retry.clone()?))) {
+            Ok(((filters, backends), retry)) => {
                 valid_rules += 1;
                 rules.push(Rule {
                     index,
@@ -213,7 +216,7 @@ pub fn compile_grpc(route: &GrpcRoute, services: &Services) -> CompiledRoute {
                     filters,
                     backends,
                     timeouts: Timeouts::default(),
-                    retry: None,
+                    retry,
                 });
             }
             Err(why) => {
@@ -827,4 +830,123 @@ fn retry(r: &gateway_api::experimental::httproutes::HttpRouteRulesRetry) -> Resu
         backoff_ms,
         grpc_codes: Vec::new(),
     })
+}
+
+/// gRPC status names, by code.
+const GRPC_CODES: [&str; 17] = [
+    "ok",
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// A GRPCRoute's retry policy from its [`GRPC_RETRY_ANNOTATION`]: the JSON shape of an
+/// HTTPRoute rule's `retry`, with gRPC status codes (names such as `unavailable` or
+/// `RESOURCE_EXHAUSTED`, or numbers 1–16) in `codes`.
+fn grpc_retry(meta: &ObjectMeta) -> Result<Option<Retry>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Spec {
+        codes: Vec<serde_json::Value>,
+        #[serde(default)]
+        attempts: Option<i64>,
+        #[serde(default)]
+        backoff: Option<String>,
+    }
+    let key = GRPC_RETRY_ANNOTATION;
+    let Some(text) = meta.annotations.as_ref().and_then(|a| a.get(key)) else {
+        return Ok(None);
+    };
+    let spec: Spec = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "annotation {key}: {e} (expected e.g. {{\"codes\": [\"unavailable\"], \"attempts\": 2, \"backoff\": \"50ms\"}})"
+        )
+    })?;
+    let mut grpc_codes = Vec::new();
+    for c in &spec.codes {
+        let code = match c {
+            serde_json::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            serde_json::Value::String(name) => {
+                let name = name.trim().to_ascii_lowercase().replace('_', "-");
+                GRPC_CODES
+                    .iter()
+                    .position(|n| *n == name)
+                    .and_then(|i| u16::try_from(i).ok())
+            }
+            _ => None,
+        };
+        match code {
+            Some(code @ 1..=16) => grpc_codes.push(code),
+            _ => return Err(format!("annotation {key}: {c} is not a gRPC error status")),
+        }
+    }
+    let attempts = u32::try_from(spec.attempts.unwrap_or(1))
+        .map_err(|_| format!("annotation {key}: attempts must not be negative"))?;
+    let backoff_ms = spec
+        .backoff
+        .as_deref()
+        .map(|s| duration_ms(&format!("annotation {key}: backoff"), s))
+        .transpose()?
+        .flatten();
+    Ok(Some(Retry {
+        codes: Vec::new(),
+        attempts,
+        backoff_ms,
+        grpc_codes,
+    }))
+}
+
+#[cfg(test)]
+mod grpc_retry_tests {
+    use super::*;
+
+    fn meta(value: &str) -> ObjectMeta {
+        ObjectMeta {
+            annotations: Some([(GRPC_RETRY_ANNOTATION.to_string(), value.to_string())].into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_annotation_gives_grpc_routes_a_retry_policy() {
+        assert_eq!(grpc_retry(&ObjectMeta::default()), Ok(None));
+        let r = grpc_retry(&meta(
+            r#"{"codes": ["unavailable", "RESOURCE_EXHAUSTED", 4], "attempts": 3, "backoff": "50ms"}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(r.grpc_codes, [14, 8, 4]);
+        assert_eq!((r.attempts, r.backoff_ms), (3, Some(50)));
+        assert!(r.codes.is_empty());
+        let r = grpc_retry(&meta(r#"{"codes": [14]}"#)).unwrap().unwrap();
+        assert_eq!((r.attempts, r.backoff_ms), (1, None));
+        for bad in [
+            "unavailable",
+            r#"{"codes": ["ok"]}"#,
+            r#"{"codes": [17]}"#,
+            r#"{"codes": ["sometimes"]}"#,
+            r#"{"codes": [14], "attempts": -1}"#,
+            r#"{"codes": [14], "backoff": "soon"}"#,
+            r#"{"codes": [14], "retries": 2}"#,
+        ] {
+            let err = grpc_retry(&meta(bad)).unwrap_err();
+            assert!(
+                err.starts_with("annotation retry.trellis.dev/grpc"),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

@@ -123,18 +123,21 @@ pub fn pod(pod: &mut Pod) {
 /// routes), and their status: the status writer merges into the entries other controllers
 /// wrote.
 pub fn http_route(route: &mut HttpRoute) {
-    route_meta(&mut route.metadata);
+    route_meta(&mut route.metadata, None);
 }
 
-/// As [`http_route`].
+/// As [`http_route`], keeping the `retry.trellis.dev/grpc` annotation.
 pub fn grpc_route(route: &mut GrpcRoute) {
-    route_meta(&mut route.metadata);
+    route_meta(
+        &mut route.metadata,
+        Some(trellis_api::policy::GRPC_RETRY_ANNOTATION),
+    );
 }
 
-fn route_meta(m: &mut ObjectMeta) {
+fn route_meta(m: &mut ObjectMeta, annotation: Option<&str>) {
     let generation = m.generation;
     let created = m.creation_timestamp.take();
-    meta(m, None, None);
+    meta(m, None, annotation);
     m.generation = generation;
     m.creation_timestamp = created;
 }
