@@ -48,10 +48,32 @@ pub struct ServicePolicy {
     pub port: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_name: Option<String>,
-    /// The port's `appProtocol`, when set: lets the proxy skip protocol detection.
+    /// The port's `appProtocol`, when set: lets the proxy skip protocol detection. `tcp` also
+    /// for ports the Service lists in [`OPAQUE_PORTS_ANNOTATION`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_protocol: Option<String>,
     pub routing: Routing,
+    /// Where connections that are not HTTP go when routes are attached (which only route
+    /// HTTP): the Service's own endpoints, as without a mesh. Unset without routes, where the
+    /// passthrough backend serves both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opaque: Option<Backend>,
+}
+
+/// The Service (and pod) annotation listing ports whose traffic is TCP, never detected as
+/// HTTP: a comma list, ranges `a-b` allowed.
+pub const OPAQUE_PORTS_ANNOTATION: &str = "trellis.dev/opaque-ports";
+
+/// Whether `port` is in a port list such as `25,8000-8100`. Entries that are not ports are
+/// ignored, so a typo never turns detection off for other ports.
+pub fn port_list_contains(list: &str, port: u16) -> bool {
+    list.split(',').map(str::trim).any(|part| {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        match (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+            (Ok(lo), Ok(hi)) => lo <= port && port <= hi,
+            _ => false,
+        }
+    })
 }
 
 /// How requests to a Service port are routed.

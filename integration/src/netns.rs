@@ -351,6 +351,8 @@ pub struct ServiceSpec {
     /// (name, port, target port)
     pub ports: Vec<(String, u16, u16)>,
     pub pods: Vec<String>,
+    /// Annotations of the Service object, such as `trellis.dev/opaque-ports`.
+    pub annotations: Vec<(String, String)>,
 }
 
 impl ServiceSpec {
@@ -360,7 +362,13 @@ impl ServiceSpec {
             namespace: namespace.into(),
             ports: Vec::new(),
             pods: Vec::new(),
+            annotations: Vec::new(),
         }
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> ServiceSpec {
+        self.annotations.push((key.into(), value.into()));
+        self
     }
 
     pub fn port(mut self, name: &str, port: u16, target: u16) -> ServiceSpec {
@@ -413,6 +421,9 @@ pub struct TcpReply {
     /// What came back for the bytes sent.
     pub echo: String,
     pub error: Option<String>,
+    /// Milliseconds from connecting to the greeting.
+    #[serde(default)]
+    pub greeting_ms: u64,
 }
 
 /// A pod: its namespace, address and processes.
@@ -490,6 +501,17 @@ impl Pod {
     pub fn tcp(&self, addr: &str, text: &str) -> TcpReply {
         let (status, out, err) = run_bounded(
             self.curl_command(&["--tcp", addr, "--send", text]),
+            Duration::from_secs(20),
+        );
+        assert!(status.success(), "trellis-curl --tcp {addr}: {out}{err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// As [`Pod::tcp`], but the client speaks first: `text` goes out before the greeting is
+    /// read, as a client-first protocol (or TLS) would.
+    pub fn tcp_first(&self, addr: &str, text: &str) -> TcpReply {
+        let (status, out, err) = run_bounded(
+            self.curl_command(&["--tcp", addr, "--send", text, "--send-first"]),
             Duration::from_secs(20),
         );
         assert!(status.success(), "trellis-curl --tcp {addr}: {out}{err}");
@@ -1029,8 +1051,14 @@ impl Mesh {
         for svc in &self.services {
             let cip = self.service_ip(&svc.name);
             out += &format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec:\n  clusterIP: {cip}\n  clusterIPs: [{cip}]\n  ports:\n",
-                svc.name, svc.namespace
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}, annotations: {{{}}}}}\nspec:\n  clusterIP: {cip}\n  clusterIPs: [{cip}]\n  ports:\n",
+                svc.name,
+                svc.namespace,
+                svc.annotations
+                    .iter()
+                    .map(|(k, v)| format!("{k}: '{v}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             for (name, port, target) in &svc.ports {
                 out += &format!(

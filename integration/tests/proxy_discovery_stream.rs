@@ -150,6 +150,7 @@ fn uncompilable() -> OutboundPolicy {
         port: 80,
         port_name: None,
         app_protocol: None,
+        opaque: None,
         routing: Routing::Http {
             routes: vec![Route {
                 kind: RouteKind::Http,

@@ -152,16 +152,20 @@ async fn deliver<I>(
         );
         return;
     }
-    let protocol = match detect::detect(&mut io, &mut buf, args.detect_timeout).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(error = %e, "inbound connection failed during detection");
-            return;
+    // Server-first protocols speak before the client: the same opaque ports as outbound
+    // (`--opaque-ports`, with the pod's `trellis.dev/opaque-ports`) skip detection.
+    let (protocol, took) = if proxy.config.opaque_ports.contains(port) {
+        (Protocol::Opaque, None)
+    } else {
+        match detect::detect(&mut io, &mut buf, args.detect_timeout).await {
+            Ok(p) => (p, Some(started.elapsed())),
+            Err(e) => {
+                tracing::debug!(error = %e, "inbound connection failed during detection");
+                return;
+            }
         }
     };
-    proxy
-        .metrics
-        .detected(DIRECTION, protocol.as_str(), Some(started.elapsed()));
+    proxy.metrics.detected(DIRECTION, protocol.as_str(), took);
     let app = proxy.hop.app.addr(port);
     let io = Prefixed::new(buf, io);
     match protocol {

@@ -62,8 +62,25 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
 
     let mut buf = BytesMut::new();
     let opaque_port = orig_dst.is_some_and(|a| proxy.config.opaque_ports.contains(a.port()));
+    // A Service port that says what it speaks (`appProtocol`, or the opaque-ports annotation)
+    // needs no detection: a server-first protocol would otherwise wait the detection timeout.
+    let declared = match (&sub, opaque_port) {
+        (Some(sub), false) => {
+            let policy = match sub.current() {
+                Some(p) => Some(p),
+                None => sub.clone().wait(proxy.config.args.discovery_wait).await,
+            };
+            policy.and_then(|p| match &p.kind {
+                PolicyKind::Service(svc) => svc.declared_protocol(),
+                PolicyKind::Forward { .. } => None,
+            })
+        }
+        _ => None,
+    };
     let (protocol, took) = if opaque_port {
         (Protocol::Opaque, None)
+    } else if let Some(p) = declared {
+        (p, None)
     } else {
         let started = Instant::now();
         match detect::detect(&mut stream, &mut buf, proxy.config.args.detect_timeout).await {
@@ -130,23 +147,24 @@ async fn connection(proxy: Arc<Proxy>, mut stream: TcpStream) {
     }
 }
 
-/// Where an opaque connection goes, and the identity of the sidecar there if it has one: a
-/// Service's endpoint when the Service is not routed by HTTP rules, else the address the app
-/// asked for.
+/// Where an opaque connection goes, and the identity of the sidecar there if it has one: one
+/// of a Service's own endpoints (HTTP routes do not apply to bytes that are not HTTP), load
+/// balanced per connection; else the address the app asked for.
 fn tcp_upstream(policy: Option<&Policy>, dst: SocketAddr) -> (SocketAddr, Option<Identity>) {
-    match policy.map(|p| &p.kind) {
-        Some(PolicyKind::Forward { identity }) => (dst, identity.clone()),
+    let own = match policy.map(|p| &p.kind) {
+        Some(PolicyKind::Forward { identity }) => return (dst, identity.clone()),
         Some(PolicyKind::Service(svc)) => match &svc.routing {
-            Routing::Passthrough(Backend {
-                target: Target::Service { balancer, .. },
-                ..
-            }) => match balancer.pick() {
-                Some(ep) => (ep.addr, ep.identity.clone()),
-                None => (dst, None),
-            },
-            _ => (dst, None),
+            Routing::Passthrough(b) => Some(b),
+            Routing::Http(_) | Routing::Grpc(_) => svc.opaque.as_ref(),
         },
-        None => (dst, None),
+        None => None,
+    };
+    match own.map(|b| &b.target) {
+        Some(Target::Service { balancer, .. }) => match balancer.pick() {
+            Some(ep) => (ep.addr, ep.identity.clone()),
+            None => (dst, None),
+        },
+        _ => (dst, None),
     }
 }
 

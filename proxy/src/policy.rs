@@ -48,6 +48,23 @@ pub struct ServiceRoutes {
     pub port: u16,
     pub app_protocol: Option<String>,
     pub routing: Routing,
+    /// With routes: where connections that are not HTTP go (the Service's own endpoints).
+    pub opaque: Option<Backend>,
+}
+
+impl ServiceRoutes {
+    /// What the port's `appProtocol` says the connection speaks, when it says: HTTP (either
+    /// version; the server tells them apart) or anything else, carried as TCP.
+    pub fn declared_protocol(&self) -> Option<crate::detect::Protocol> {
+        use crate::detect::Protocol;
+        let p = self.app_protocol.as_deref()?;
+        Some(match p.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "h2c" | "grpc" | "kubernetes.io/h2c" | "kubernetes.io/ws" => {
+                Protocol::Http1
+            }
+            _ => Protocol::Opaque,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -215,12 +232,17 @@ impl Policy {
                         rules: compile_rules(routes, true, endpoints)?,
                     }),
                 };
+                let opaque = match &svc.opaque {
+                    Some(b) => Some(compile_backend(b, false, endpoints)?),
+                    None => None,
+                };
                 PolicyKind::Service(Box::new(ServiceRoutes {
                     label: Arc::from(format!("{}:{}", svc.service, svc.port)),
                     service: svc.service.clone(),
                     port: svc.port,
                     app_protocol: svc.app_protocol.clone(),
                     routing,
+                    opaque,
                 }))
             }
         };
@@ -429,6 +451,7 @@ mod tests {
             port: 80,
             port_name: None,
             app_protocol: None,
+            opaque: None,
             routing: wire::Routing::Http {
                 routes: vec![Route {
                     kind: RouteKind::Http,
@@ -515,6 +538,7 @@ mod tests {
             port: 80,
             port_name: None,
             app_protocol: None,
+            opaque: None,
             routing: wire::Routing::Http {
                 routes: vec![Route {
                     kind: RouteKind::Http,

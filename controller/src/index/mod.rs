@@ -240,23 +240,29 @@ impl Index {
             }
             recomputed += svc.ports.len();
             for sp in &svc.ports {
+                // The Service's own endpoints: every request without routes, and the
+                // connections that are not HTTP with them.
+                let own = || Backend {
+                    weight: 1,
+                    target: BackendTarget::Service {
+                        service: svc.id.clone(),
+                        port: sp.port,
+                        app_protocol: sp.app_protocol.clone(),
+                        endpoints: services.endpoints(svc, sp),
+                    },
+                    filters: Vec::new(),
+                };
                 let policy = |group: Option<&Group>| {
+                    let routing = routing(group, &routes, own);
+                    let opaque = (!matches!(routing, Routing::Passthrough { .. })).then(own);
                     Arc::new(OutboundPolicy::Service(ServicePolicy {
                         service: svc.id.clone(),
                         cluster_ip: cluster_ip.to_string(),
                         port: sp.port,
                         port_name: sp.name.clone(),
                         app_protocol: sp.app_protocol.clone(),
-                        routing: routing(group, &routes, || Backend {
-                            weight: 1,
-                            target: BackendTarget::Service {
-                                service: svc.id.clone(),
-                                port: sp.port,
-                                app_protocol: sp.app_protocol.clone(),
-                                endpoints: services.endpoints(svc, sp),
-                            },
-                            filters: Vec::new(),
-                        }),
+                        routing,
+                        opaque,
                     }))
                 };
                 let port_groups = groups.get(&(svc.id.clone(), sp.port));

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use trellis_api::Identity;
-use trellis_api::policy::{Endpoint, ObjectRef};
+use trellis_api::policy::{Endpoint, OPAQUE_PORTS_ANNOTATION, ObjectRef, port_list_contains};
 
 use super::Config;
 
@@ -163,6 +163,11 @@ impl Services {
                 name,
             };
             let spec = svc.spec.clone().unwrap_or_default();
+            let opaque = svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION));
             let external_name = spec.type_.as_deref() == Some("ExternalName");
             let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
             if ips.is_empty() {
@@ -179,10 +184,17 @@ impl Services {
                 .into_iter()
                 .filter(|p| p.protocol.as_deref().is_none_or(|proto| proto == "TCP"))
                 .filter_map(|p| {
+                    let port = u16::try_from(p.port).ok()?;
+                    // Listed as opaque: TCP, unless the port says what it speaks itself.
+                    let app_protocol = p.app_protocol.or_else(|| {
+                        opaque
+                            .is_some_and(|list| port_list_contains(list, port))
+                            .then(|| "tcp".to_string())
+                    });
                     Some(ServicePort {
-                        port: u16::try_from(p.port).ok()?,
+                        port,
                         name: p.name.filter(|n| !n.is_empty()),
-                        app_protocol: p.app_protocol,
+                        app_protocol,
                     })
                 })
                 .collect();

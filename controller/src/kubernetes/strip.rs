@@ -39,10 +39,14 @@ fn meta(meta: &mut ObjectMeta, label: Option<&str>, annotation: Option<&str>) {
     };
 }
 
-/// Services keep `type`, `clusterIP(s)` and each port's name, number, protocol and
-/// appProtocol.
+/// Services keep `type`, `clusterIP(s)`, each port's name, number, protocol and appProtocol,
+/// and the `trellis.dev/opaque-ports` annotation.
 pub fn service(svc: &mut Service) {
-    meta(&mut svc.metadata, None, None);
+    meta(
+        &mut svc.metadata,
+        None,
+        Some(trellis_api::policy::OPAQUE_PORTS_ANNOTATION),
+    );
     svc.status = None;
     svc.spec = svc.spec.take().map(|spec| ServiceSpec {
         type_: spec.type_,

@@ -7,6 +7,7 @@
 //!              [-X METHOD] [-d BODY] [-H 'name: value']... [--timeout-ms MS] URL
 //! trellis-curl --until STATUS --within-ms MS URL     # one request, repeated until STATUS
 //! trellis-curl --tcp HOST:PORT --send TEXT            # greeting, then TEXT echoed back
+//! trellis-curl --tcp HOST:PORT --send TEXT --send-first  # TEXT first, then the greeting
 //! ```
 //!
 //! `-n` requests (default 1) are shared by `-c` workers (default 1) on one pooled client
@@ -49,6 +50,7 @@ struct Args {
     within: Duration,
     tcp: Option<String>,
     send: String,
+    send_first: bool,
 }
 
 fn parse() -> Args {
@@ -68,6 +70,7 @@ fn parse() -> Args {
         within: Duration::from_secs(10),
         tcp: None,
         send: String::new(),
+        send_first: false,
     };
     let ms = |v: String| Duration::from_millis(v.parse().unwrap());
     let mut it = std::env::args().skip(1);
@@ -93,6 +96,7 @@ fn parse() -> Args {
             "--until" => a.until = Some(value().parse().unwrap()),
             "--within-ms" => a.within = ms(value()),
             "--tcp" => a.tcp = Some(value()),
+            "--send-first" => a.send_first = true,
             "--send" => a.send = value(),
             url if !url.starts_with('-') => a.url = url.into(),
             other => panic!("unknown flag {other}"),
@@ -155,7 +159,7 @@ fn print(replies: &[Reply]) {
     }
 }
 
-fn tcp(addr: &str, text: &str, timeout: Duration) -> TcpReply {
+fn tcp(addr: &str, text: &str, first: bool, timeout: Duration) -> TcpReply {
     let mut reply = TcpReply::default();
     let exchange = |reply: &mut TcpReply| -> Result<(), String> {
         let addr = addr
@@ -166,16 +170,25 @@ fn tcp(addr: &str, text: &str, timeout: Duration) -> TcpReply {
         let stream =
             TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
         stream.set_read_timeout(Some(timeout)).unwrap();
+        let connected = std::time::Instant::now();
+        if first {
+            (&stream)
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("send: {e}"))?;
+        }
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         reader
             .read_line(&mut reply.greeting)
             .map_err(|e| format!("greeting: {e}"))?;
+        reply.greeting_ms = u64::try_from(connected.elapsed().as_millis()).unwrap_or(u64::MAX);
         if reply.greeting.is_empty() {
             return Err("closed before the greeting".into());
         }
-        (&stream)
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("send: {e}"))?;
+        if !first {
+            (&stream)
+                .write_all(text.as_bytes())
+                .map_err(|e| format!("send: {e}"))?;
+        }
         let mut back = vec![0u8; text.len()];
         reader
             .read_exact(&mut back)
@@ -193,7 +206,7 @@ fn tcp(addr: &str, text: &str, timeout: Duration) -> TcpReply {
 async fn main() {
     let a = parse();
     if let Some(addr) = &a.tcp {
-        let reply = tcp(addr, &a.send, a.timeout);
+        let reply = tcp(addr, &a.send, a.send_first, a.timeout);
         println!("{}", serde_json::to_string(&reply).unwrap());
         return;
     }
