@@ -471,3 +471,123 @@ async fn a_failing_endpoint_is_ejected_and_returns_after_it_recovers() {
         g2 + b2
     );
 }
+
+/// A gRPC server whose calls fail, answering trailers-only `UNAVAILABLE`, except every third,
+/// which answers one message and `grpc-status: 0` in trailers.
+async fn flaky_grpc(addr: SocketAddr) -> Arc<AtomicUsize> {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let count = calls.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let n = count.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let mut res = if n % 3 == 2 {
+                            Response::new(GrpcOk(0).boxed())
+                        } else {
+                            let mut res = Response::new(http_body_util::Empty::new().boxed());
+                            res.headers_mut()
+                                .insert("grpc-status", "14".parse().unwrap());
+                            res
+                        };
+                        res.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, Infallible>(res)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    calls
+}
+
+/// One empty gRPC message, then `grpc-status: 0` trailers.
+struct GrpcOk(u8);
+
+impl hyper::body::Body for GrpcOk {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0 += 1;
+        Poll::Ready(match self.0 {
+            1 => Some(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0")))),
+            2 => {
+                let mut t = http::HeaderMap::new();
+                t.insert("grpc-status", "0".parse().unwrap());
+                Some(Ok(Frame::trailers(t)))
+            }
+            _ => None,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_route_retries_the_statuses_its_annotation_names() {
+    let block = 95;
+    let manifests = service(block, "inventory", &[11])
+        + r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata:
+  name: inventory
+  namespace: shop
+  annotations:
+    retry.trellis.dev/grpc: '{"codes": ["unavailable"], "attempts": 2, "backoff": "1ms"}'
+spec:
+  parentRefs: [{group: '', kind: Service, name: inventory, port: 80}]
+  rules:
+  - backendRefs: [{name: inventory, port: 80}]
+"#;
+    let (_dir, _controller, sidecar) = start(block, &manifests, &[]);
+    let calls = flaky_grpc(SocketAddr::new(ip(block, 11), 8080)).await;
+    let client = trellis_integration::http2_client();
+    for i in 0..3 {
+        let req = Request::post(format!("http://{}/shop.Inventory/Get", sidecar.outbound()))
+            .header("host", "inventory")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body(&b"\0\0\0\0\0"[..]))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(
+            res.headers().get("grpc-status").is_none(),
+            "call {i}: {res:?}"
+        );
+        let collected = res.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0", "call {i}");
+    }
+    // Two UNAVAILABLE answers retried per call.
+    assert_eq!(calls.load(Ordering::SeqCst), 9);
+    let text = sidecar.metrics().await;
+    assert_eq!(
+        metric(&text, "trellis_retries_total", &[("reason", "status")]),
+        6.0,
+        "{text}"
+    );
+    // Counted by the status of their trailers.
+    assert_eq!(
+        metric(
+            &text,
+            "trellis_requests_total",
+            &[("route_kind", "GRPCRoute"), ("grpc_status", "0")]
+        ),
+        3.0,
+        "{text}"
+    );
+}
