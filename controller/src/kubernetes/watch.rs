@@ -565,13 +565,16 @@ pub async fn publish(
         let built = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let built = before.rebuild(&objects, &config, &changes);
-            (built, started.elapsed())
+            (built, started.elapsed(), objects)
         })
         .await;
         match built {
-            Ok((built, took)) => {
+            Ok((built, took, objects)) => {
                 let recomputed = built.recomputed_ports();
-                index.send_replace(Arc::new(built));
+                let old = index.send_replace(Arc::new(built));
+                // Freeing the snapshot and the old index takes time too: not before publishing,
+                // and not on the server's threads.
+                tokio::task::spawn_blocking(move || drop((old, objects)));
                 if published {
                     tracing::debug!(
                         "index rebuilt in {took:?} ({recomputed} Service ports computed): \
