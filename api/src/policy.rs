@@ -60,6 +60,10 @@ pub struct ServicePolicy {
     pub opaque: Option<Backend>,
 }
 
+/// Ports whose servers speak first (SMTP, MySQL, NATS, PostgreSQL, Redis, Elasticsearch
+/// transport, memcached): waiting for the client to speak would only add the detection timeout.
+pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,5432,6379,9300,11211";
+
 /// The Service (and pod) annotation listing ports whose traffic is TCP, never detected as
 /// HTTP: a comma list, ranges `a-b` allowed.
 pub const OPAQUE_PORTS_ANNOTATION: &str = "trellis.dev/opaque-ports";

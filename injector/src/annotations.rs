@@ -20,6 +20,9 @@ pub const INBOUND_PLAINTEXT_PORTS: &str = "trellis.dev/inbound-plaintext-ports";
 /// Ports the proxy delivers inbound traffic to besides the pod's declared container ports, for
 /// Services whose numeric `targetPort` the pod does not declare.
 pub const INBOUND_PORTS: &str = "trellis.dev/inbound-ports";
+/// Ports whose traffic is TCP, never detected as HTTP, in and out of the pod (added to the
+/// sidecar's server-first defaults): `TRELLIS_OPAQUE_PORTS`.
+pub const OPAQUE_PORTS: &str = trellis_api::policy::OPAQUE_PORTS_ANNOTATION;
 /// `disabled` keeps the kubelet's probes as written, their ports open to plaintext; by default
 /// (`enabled`) they go through the proxy's admin port.
 pub const REWRITE_PROBES: &str = "trellis.dev/rewrite-probes";
@@ -55,6 +58,7 @@ pub struct Overrides {
     pub skip_outbound_ports: Option<PortList>,
     pub inbound_plaintext_ports: Option<PortList>,
     pub inbound_ports: Option<PortList>,
+    pub opaque_ports: Option<PortList>,
     pub rewrite_probes: Option<RewriteProbes>,
     pub log_level: Option<String>,
     pub cpu_request: Option<Quantity>,
@@ -105,6 +109,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
     field(SKIP_OUTBOUND_PORTS, &|v| PortList::parse(v).map(drop));
     field(INBOUND_PLAINTEXT_PORTS, &|v| PortList::parse(v).map(drop));
     field(INBOUND_PORTS, &|v| PortList::parse(v).map(drop));
+    field(OPAQUE_PORTS, &|v| PortList::parse(v).map(drop));
     field(REWRITE_PROBES, &|v| parse_rewrite_probes(v).map(drop));
     field(PROXY_LOG_LEVEL, &|v| parse_log_level(v).map(drop));
     field(PROXY_CPU_REQUEST, &|v| Quantity::cpu(v).map(drop));
@@ -120,6 +125,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
         skip_outbound_ports: get(SKIP_OUTBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
         inbound_plaintext_ports: get(INBOUND_PLAINTEXT_PORTS).and_then(|v| PortList::parse(v).ok()),
         inbound_ports: get(INBOUND_PORTS).and_then(|v| PortList::parse(v).ok()),
+        opaque_ports: get(OPAQUE_PORTS).and_then(|v| PortList::parse(v).ok()),
         rewrite_probes: get(REWRITE_PROBES).and_then(|v| parse_rewrite_probes(v).ok()),
         log_level: get(PROXY_LOG_LEVEL).and_then(|v| parse_log_level(v).ok()),
         cpu_request: get(PROXY_CPU_REQUEST).and_then(|v| Quantity::cpu(v).ok()),

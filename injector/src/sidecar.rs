@@ -181,7 +181,9 @@ fn init_container(
     overrides: &Overrides,
     resources: ResourceRequirements,
 ) -> Container {
-    let mut env_vars = Vec::new();
+    // Every address of the pod: a pod without IPv6 gets IPv6 dropped rather than bypassing the
+    // sidecar.
+    let mut env_vars = vec![env_field("TRELLIS_POD_IPS", "status.podIPs")];
     for (name, ports) in [
         ("TRELLIS_SKIP_INBOUND_PORTS", &overrides.skip_inbound_ports),
         (
@@ -197,7 +199,7 @@ fn init_container(
         name: INIT_CONTAINER.to_string(),
         image: Some(settings.proxy_image.clone()),
         args: Some(vec!["init".to_string()]),
-        env: (!env_vars.is_empty()).then_some(env_vars),
+        env: Some(env_vars),
         resources: Some(resources),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -274,6 +276,12 @@ fn proxy_container(
         // A BTreeMap of plain strings and numbers always serializes.
         let json = serde_json::to_string(&inbound.app_probes).unwrap_or_default();
         env_vars.push(env(APP_PROBES_ENV, json));
+    }
+    if let Some(ports) = overrides.opaque_ports.as_ref().filter(|p| !p.is_empty()) {
+        env_vars.push(env(
+            "TRELLIS_OPAQUE_PORTS",
+            format!("{},{ports}", trellis_api::policy::DEFAULT_OPAQUE_PORTS),
+        ));
     }
     Container {
         name: PROXY_CONTAINER.to_string(),

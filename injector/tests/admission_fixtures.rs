@@ -144,16 +144,11 @@ fn each_good_annotation() {
         (("trellis.dev/inject", "enabled"), Box::new(|_| {})),
         (
             ("trellis.dev/skip-inbound-ports", " 22, 9000-9100 "),
-            Box::new(|p| {
-                init(p)["env"] =
-                    json!([{"name": "TRELLIS_SKIP_INBOUND_PORTS", "value": "22,9000-9100"}])
-            }),
+            Box::new(|p| set_env(init(p), "TRELLIS_SKIP_INBOUND_PORTS", "22,9000-9100")),
         ),
         (
             ("trellis.dev/skip-outbound-ports", "5432"),
-            Box::new(|p| {
-                init(p)["env"] = json!([{"name": "TRELLIS_SKIP_OUTBOUND_PORTS", "value": "5432"}])
-            }),
+            Box::new(|p| set_env(init(p), "TRELLIS_SKIP_OUTBOUND_PORTS", "5432")),
         ),
         (("trellis.dev/skip-outbound-ports", ""), Box::new(|_| {})),
         (
@@ -177,6 +172,17 @@ fn each_good_annotation() {
             Box::new(|p| set_env(proxy(p), "TRELLIS_INBOUND_PORTS", "8080,8443,9000-9100")),
         ),
         (("trellis.dev/inbound-ports", ""), Box::new(|_| {})),
+        (
+            ("trellis.dev/opaque-ports", "7000, 8000-8100"),
+            Box::new(|p| {
+                set_env(
+                    proxy(p),
+                    "TRELLIS_OPAQUE_PORTS",
+                    "25,587,3306,4222,5432,6379,9300,11211,7000,8000-8100",
+                )
+            }),
+        ),
+        (("trellis.dev/opaque-ports", ""), Box::new(|_| {})),
         (("trellis.dev/rewrite-probes", "enabled"), Box::new(|_| {})),
         (
             ("trellis.dev/rewrite-probes", "disabled"),
@@ -257,6 +263,11 @@ fn each_bad_annotation_denies_with_its_name_and_problem() {
             "trellis.dev/skip-inbound-ports",
             "80,http",
             "annotation trellis.dev/skip-inbound-ports: \"http\" is not a port number",
+        ),
+        (
+            "trellis.dev/opaque-ports",
+            "7000,mysql",
+            "annotation trellis.dev/opaque-ports: \"mysql\" is not a port number",
         ),
         (
             "trellis.dev/skip-inbound-ports",

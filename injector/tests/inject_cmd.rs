@@ -141,7 +141,12 @@ fn every_workload_kind() {
         web["containers"][0]["readinessProbe"]["httpGet"]["path"],
         "/app-health/web/readiness"
     );
-    assert_eq!(web["initContainers"][0]["env"][0]["value"], "5432");
+    // The init container gets the pod's IPs, then the skipped ports.
+    assert_eq!(
+        web["initContainers"][0]["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIPs"
+    );
+    assert_eq!(web["initContainers"][0]["env"][1]["value"], "5432");
     // Strings that look like other YAML types stay strings.
     let text = String::from_utf8(output.stdout.clone()).unwrap();
     assert!(text.contains("prometheus.io/scrape: \"true\""), "{text}");

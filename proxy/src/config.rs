@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use trellis_api::Identity;
 
-/// Ports whose servers speak first (SMTP, MySQL, NATS, PostgreSQL, Redis, Elasticsearch
-/// transport, memcached): waiting for the client to speak would only add the detection timeout.
-pub const DEFAULT_OPAQUE_PORTS: &str = "25,587,3306,4222,5432,6379,9300,11211";
+pub use trellis_api::policy::DEFAULT_OPAQUE_PORTS;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct Args {
