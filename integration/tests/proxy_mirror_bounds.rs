@@ -251,3 +251,88 @@ async fn a_retried_error_with_an_endless_body_is_cut_off() {
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// Several mirrors on one rule, a fraction (GEP-3171), a mirror on a backendRef, and a gRPC
+/// call (a streamed HTTP/2 body) mirrored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_mirrors_fractions_backend_mirrors_and_grpc() {
+    use trellis_integration::mesh::{Mesh, send};
+    use trellis_integration::{body, http1_client, http2_client};
+    const ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+  - filters:
+    - {type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: echo-v2, port: 80}, fraction: {numerator: 1, denominator: 4}}}
+    backendRefs:
+    - name: echo-v1
+      port: 80
+      filters:
+      - {type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 80}, percent: 50}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo-grpc, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 7070}]
+  rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: mirror, port: 7070}}}]
+    backendRefs: [{name: echo-v1, port: 7070}]
+"#;
+    let mesh = Mesh::start(87, ROUTES).await;
+    let (mirror, v2) = (&mesh.apps["mirror-0"], &mesh.apps["echo-v2-0"]);
+    let client = http1_client();
+    const N: usize = 400;
+    for _ in 0..N {
+        let (status, _, echoed) =
+            send(&client, mesh.request("echo", "/").body(body("x")).unwrap()).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed.unwrap().pod, "echo-v1-0");
+    }
+    // Copies are sent beside the requests: wait for the last ones.
+    let settle = |want: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while mirror.count() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    settle(N + N / 2 - 40).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The rule's mirror takes every request, the backend's half: 400 + ~200.
+    let mirrored = mirror.count();
+    assert!(
+        (N + N / 2 - 40..=N + N / 2 + 40).contains(&mirrored),
+        "{mirrored}"
+    );
+    // The fraction takes a quarter: ~100.
+    let quarter = v2.count();
+    assert!((60..=140).contains(&quarter), "{quarter}");
+
+    // gRPC: the body streams over HTTP/2 and the mirror gets all of it.
+    let before = mirror.count();
+    let grpc = http2_client();
+    let payload = vec![0u8; 5 + 20_000];
+    let req = http::Request::post(format!("http://{}/proto.Echo/Echo", mesh.client.outbound()))
+        .header("host", "echo:7070")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body(payload))
+        .unwrap();
+    let (status, headers, echoed) = send(&grpc, req).await;
+    assert_eq!(
+        (status.as_u16(), &headers["grpc-status"]),
+        (200, &"0".parse().unwrap())
+    );
+    assert_eq!(echoed.unwrap().body_len, 20_005);
+    settle(before + 1).await;
+    assert_eq!(mirror.count(), before + 1);
+    let text = mesh.client.metrics().await;
+    assert!(
+        text.contains("trellis_mirrors_total{result=\"sent\"}"),
+        "{text}"
+    );
+}

@@ -380,15 +380,7 @@ async fn route(
                 apply_response_filters(rule, None, &mut res);
                 return res;
             }
-            Filter::Mirror {
-                backend,
-                numerator,
-                denominator,
-            } => {
-                if fastrand::u32(..*denominator) < *numerator {
-                    mirrors.push(backend);
-                }
-            }
+            Filter::Mirror { .. } => sample_mirror(filter, &mut mirrors),
             Filter::ResponseHeaders(_) => {}
         }
     }
@@ -405,6 +397,9 @@ async fn route(
         let mut res = upgrade_to(proxy, upgrade, backend, req, grpc).await;
         apply_response_filters(rule, Some(backend), &mut res);
         return res;
+    }
+    for filter in &backend.mirrors {
+        sample_mirror(filter, &mut mirrors);
     }
     let req = if mirrors.is_empty() {
         req.map(h::incoming)
@@ -442,6 +437,20 @@ async fn route(
     };
     apply_response_filters(rule, Some(backend), &mut res);
     res
+}
+
+/// Adds a `RequestMirror`'s backend to `mirrors` for this request, with the filter's share
+/// (percent or fraction) of the requests.
+fn sample_mirror<'a>(filter: &'a Filter, mirrors: &mut Vec<&'a Backend>) {
+    if let Filter::Mirror {
+        backend,
+        numerator,
+        denominator,
+    } = filter
+        && fastrand::u32(..*denominator) < *numerator
+    {
+        mirrors.push(backend);
+    }
 }
 
 fn backend_label(proxy: &Proxy, backend: &Backend) -> Arc<str> {

@@ -192,6 +192,9 @@ pub struct Backend {
     pub target: Target,
     pub request_headers: Option<CompiledHeaderModifier>,
     pub response_headers: Option<CompiledHeaderModifier>,
+    /// `RequestMirror` filters of this backendRef: requests sent to this backend are also
+    /// mirrored there ([`Filter::Mirror`] entries only).
+    pub mirrors: Vec<Filter>,
 }
 
 #[derive(Debug)]
@@ -320,6 +323,7 @@ fn compile_backend(
 ) -> Result<Backend, PolicyError> {
     let mut request_headers = None;
     let mut response_headers = None;
+    let mut mirrors = Vec::new();
     for f in &b.filters {
         match f {
             wire::Filter::RequestHeaderModifier(m) => {
@@ -328,6 +332,7 @@ fn compile_backend(
             wire::Filter::ResponseHeaderModifier(m) => {
                 response_headers = Some(CompiledHeaderModifier::compile(m)?);
             }
+            wire::Filter::RequestMirror(_) => mirrors.push(compile_filter(f, grpc, endpoints)?),
             // The controller accepts no other backend filter.
             _ => {}
         }
@@ -359,6 +364,7 @@ fn compile_backend(
         target,
         request_headers,
         response_headers,
+        mirrors,
     })
 }
 
