@@ -154,7 +154,7 @@ fn tcp_upstream(policy: Option<&Policy>, dst: SocketAddr) -> (SocketAddr, Option
     let own = match policy.map(|p| &p.kind) {
         Some(PolicyKind::Forward { identity }) => return (dst, identity.clone()),
         Some(PolicyKind::Service(svc)) => match &svc.routing {
-            Routing::Passthrough(b) => Some(b),
+            Routing::Passthrough(b) => Some(&**b),
             Routing::Http(_) | Routing::Grpc(_) => svc.opaque.as_ref(),
         },
         None => None,

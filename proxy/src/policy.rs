@@ -69,7 +69,7 @@ impl ServiceRoutes {
 
 #[derive(Debug)]
 pub enum Routing {
-    Passthrough(Backend),
+    Passthrough(Box<Backend>),
     Http(RouteSet<HttpMatch>),
     Grpc(RouteSet<GrpcMatch>),
 }
@@ -126,7 +126,7 @@ pub enum Filter {
     Redirect(RequestRedirect),
     Rewrite(UrlRewrite),
     Mirror {
-        backend: Backend,
+        backend: Box<Backend>,
         numerator: u32,
         denominator: u32,
     },
@@ -224,7 +224,7 @@ impl Policy {
             OutboundPolicy::Service(svc) => {
                 let routing = match &svc.routing {
                     wire::Routing::Passthrough { backend } => {
-                        Routing::Passthrough(compile_backend(backend, false, endpoints)?)
+                        Routing::Passthrough(Box::new(compile_backend(backend, false, endpoints)?))
                     }
                     wire::Routing::Http { routes } => Routing::Http(RouteSet {
                         table: RouteTable::<HttpMatch>::compile(routes)?,
@@ -309,7 +309,7 @@ fn compile_filter(
         wire::Filter::RequestRedirect(r) => Filter::Redirect(r.clone()),
         wire::Filter::UrlRewrite(r) => Filter::Rewrite(r.clone()),
         wire::Filter::RequestMirror(m) => Filter::Mirror {
-            backend: compile_backend(&m.backend, grpc, endpoints)?,
+            backend: Box::new(compile_backend(&m.backend, grpc, endpoints)?),
             numerator: m.numerator,
             denominator: m.denominator.max(1),
         },
