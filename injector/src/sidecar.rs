@@ -306,6 +306,15 @@ fn proxy_container(
                 }),
                 ..Default::default()
             }),
+            // The app gets SIGTERM at once; the proxy only after this hook, which starts its
+            // drain (not ready, still serving) and waits out the window, so the app's last
+            // requests still have a proxy and clients move away before it stops.
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(vec!["trellis-proxy".to_string(), "drain".to_string()]),
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         startup_probe: Some(admin_probe(

@@ -526,6 +526,16 @@ impl Pod {
         reply.body
     }
 
+    /// Sends SIGTERM to the pod's sidecar, as the kubelet does when the pod is deleted.
+    pub fn terminate_proxy(&self) {
+        let proxy = self.proxy.as_ref().expect("a meshed pod");
+        let status = Command::new("kill")
+            .args(["-TERM", &proxy.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// Logs of the pod's processes.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -1008,6 +1018,20 @@ impl Mesh {
     }
 
     /// Replaces `routes.yaml` in one step (write aside, rename), as a ConfigMap update would.
+    /// Sets the ready endpoints of `service` to `pods`, as the EndpointSlice controller does
+    /// when pods terminate; the controller reloads and the sidecars follow.
+    pub fn set_endpoints(&mut self, service: &str, pods: &[&str]) {
+        if let Some(svc) = self.services.iter_mut().find(|s| s.name == service) {
+            svc.pods = pods.iter().map(|p| p.to_string()).collect();
+        }
+        let specs: Vec<PodSpec> = self.pods.iter().map(|p| p.spec.clone()).collect();
+        let ips: Vec<Ipv4Addr> = self.pods.iter().map(|p| p.ip).collect();
+        let yaml = self.cluster_yaml(&specs, &ips);
+        let dir = self.manifests.path();
+        std::fs::write(dir.join(".cluster.yaml.new"), yaml).unwrap();
+        std::fs::rename(dir.join(".cluster.yaml.new"), dir.join("cluster.yaml")).unwrap();
+    }
+
     pub fn write_routes(&self, yaml: &str) {
         let dir = self.manifests.path();
         std::fs::write(dir.join(".routes.yaml.new"), yaml).unwrap();

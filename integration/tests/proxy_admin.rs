@@ -99,6 +99,7 @@ async fn start() -> Admin {
         credentials: None,
         app_health: Arc::new(app_health),
         config_public: false,
+        draining: Default::default(),
     };
     let task = tokio::spawn(admin::serve(listener, state, async {
         let _ = stopped.await;

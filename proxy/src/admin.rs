@@ -64,6 +64,8 @@ pub struct AdminState {
     pub app_health: Arc<AppHealth>,
     /// Serve `/config` to every client, not only loopback ones (`--admin-config-public`).
     pub config_public: bool,
+    /// Set when shutdown begins: `/ready` answers 503 from then on.
+    pub draining: Arc<crate::proxy::Draining>,
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, then stops accepting and
@@ -140,8 +142,22 @@ fn is_loopback(ip: IpAddr) -> bool {
 async fn handle<B>(req: &Request<B>, state: &AdminState, inside: bool) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let app_health = path.strip_prefix(APP_HEALTH_PREFIX);
-    if !matches!(path, "/metrics" | "/ready" | "/live" | "/config") && app_health.is_none() {
+    if !matches!(path, "/metrics" | "/ready" | "/live" | "/config" | "/drain")
+        && app_health.is_none()
+    {
         return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    if path == "/drain" {
+        // From the pod only (`trellis-proxy drain`, a preStop hook): a peer must not be able
+        // to take the pod out of its Services.
+        if req.method() != Method::POST || !inside {
+            return text(
+                StatusCode::FORBIDDEN,
+                "/drain takes a POST from inside the pod (trellis-proxy drain)\n",
+            );
+        }
+        state.draining.start();
+        return text(StatusCode::ACCEPTED, "draining\n");
     }
     if req.method() != Method::GET {
         let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -178,6 +194,9 @@ async fn handle<B>(req: &Request<B>, state: &AdminState, inside: bool) -> Respon
 
 /// 200 while the proxy serves traffic and, with identity on, holds a certificate peers accept.
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if state.draining.is_started() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n");
+    }
     if !state.ready.load(Ordering::Acquire) {
         return text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
     }

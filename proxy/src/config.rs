@@ -65,7 +65,11 @@ pub struct Args {
     /// Upstream connections idle this long are closed.
     #[arg(long, env = "TRELLIS_POOL_IDLE_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
-    /// On SIGTERM, in-flight requests get this long to finish.
+    /// After SIGTERM (or `trellis-proxy drain`), how long the sidecar reports not-ready but
+    /// keeps accepting and serving, while the pod leaves its Services' endpoints.
+    #[arg(long, env = "TRELLIS_DRAIN_WINDOW", default_value = "5s", value_parser = parse_duration)]
+    pub drain_window: Duration,
+    /// After the drain window, in-flight requests get this long to finish.
     #[arg(long, env = "TRELLIS_SHUTDOWN_GRACE", default_value = "25s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Open connections allowed per direction (inbound, outbound); one more is closed at once

@@ -66,12 +66,21 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// The connection was never made, so no byte of the request was sent.
+    /// The request was never processed upstream, so another endpoint may have it whatever
+    /// its method: the connection was never made, the request was canceled before it was
+    /// sent, or an HTTP/2 server refused the stream (REFUSED_STREAM, or a GOAWAY that it did
+    /// not cover, as a draining server sends; RFC 9113 §8.7).
     pub fn is_connect(&self) -> bool {
         match self {
             UpstreamError::NoEndpoint | UpstreamError::Connect(_) => true,
             UpstreamError::Http1(e) => e.is_connect(),
-            UpstreamError::Http2(_) => false,
+            UpstreamError::Http2(e) => {
+                e.is_canceled()
+                    || std::error::Error::source(e)
+                        .and_then(|s| s.downcast_ref::<h2::Error>())
+                        .and_then(h2::Error::reason)
+                        .is_some_and(|r| r == h2::Reason::REFUSED_STREAM)
+            }
         }
     }
 }

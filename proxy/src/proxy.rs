@@ -102,3 +102,35 @@ impl Drain {
         (Drain(tx), rx)
     }
 }
+
+/// The first phase of shutdown: the sidecar reports not-ready (so the pod leaves its Services'
+/// endpoints) while it keeps serving. Started by SIGTERM, or earlier by `trellis-proxy drain`
+/// from a classic sidecar's preStop hook.
+#[derive(Debug, Default)]
+pub struct Draining {
+    flag: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Draining {
+    pub fn start(&self) {
+        if !self.flag.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub fn is_started(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once draining has started.
+    pub async fn started(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_started() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

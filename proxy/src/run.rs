@@ -180,6 +180,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         empty_label: Arc::from(""),
     });
 
+    let draining = Arc::new(crate::proxy::Draining::default());
     let admin_state = AdminState {
         registry: Arc::new(registry),
         ready: ready.clone(),
@@ -187,6 +188,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         credentials,
         app_health,
         config_public: proxy.config.args.admin_config_public,
+        draining: draining.clone(),
     };
     let mut admin = tokio::task::JoinSet::new();
     for listener in admin_listeners {
@@ -219,7 +221,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ready.store(true, Ordering::Release);
     }
 
-    wait_for_signal().await;
+    // Shutdown, first phase: not ready, so the pod leaves its Services' endpoints, while every
+    // listener keeps serving for the drain window (clients learn of the change meanwhile).
+    let window = proxy.config.args.drain_window;
+    let by_signal = tokio::select! {
+        () = wait_for_signal() => true,
+        () = draining.started() => false,
+    };
+    draining.start();
+    let window_ends = tokio::time::Instant::now() + window;
+    tracing::info!(window = ?window, "draining: not ready, still serving");
+    if !by_signal {
+        // `trellis-proxy drain` (a preStop hook) started it; the kubelet's SIGTERM follows.
+        wait_for_signal().await;
+    }
+    tokio::select! {
+        () = tokio::time::sleep_until(window_ends) => {}
+        // A second signal: no more waiting.
+        () = wait_for_signal() => {}
+    }
+    // Second phase: no new connections; HTTP/2 clients get GOAWAY, idle HTTP/1 connections
+    // close, requests in flight finish within the grace period; opaque TCP ends with it.
     if let Some(task) = identity_task {
         task.abort();
     }
