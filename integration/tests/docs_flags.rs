@@ -327,6 +327,11 @@ fn proxy_flags_match_the_reference() {
                 page: "proxy.md",
                 sections: &["await-ready"],
             },
+            Documented {
+                command: &["drain"],
+                page: "proxy.md",
+                sections: &["drain"],
+            },
         ],
     );
 }
