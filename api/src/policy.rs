@@ -57,7 +57,7 @@ pub struct ServicePolicy {
     /// HTTP): the Service's own endpoints, as without a mesh. Unset without routes, where the
     /// passthrough backend serves both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub opaque: Option<Backend>,
+    pub opaque: Option<Box<Backend>>,
 }
 
 /// Ports whose servers speak first (SMTP, MySQL, NATS, PostgreSQL, Redis, Elasticsearch

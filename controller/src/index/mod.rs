@@ -254,7 +254,8 @@ impl Index {
                 };
                 let policy = |group: Option<&Group>| {
                     let routing = routing(group, &routes, own);
-                    let opaque = (!matches!(routing, Routing::Passthrough { .. })).then(own);
+                    let opaque =
+                        (!matches!(routing, Routing::Passthrough { .. })).then(|| Box::new(own()));
                     Arc::new(OutboundPolicy::Service(ServicePolicy {
                         service: svc.id.clone(),
                         cluster_ip: cluster_ip.to_string(),
