@@ -147,10 +147,6 @@ impl EndpointState {
 
     /// The estimate decays towards zero while an endpoint gets no answers, so one that lost
     /// to a faster peer is tried again after a while instead of never.
-    fn cost(&self) -> f64 {
-        self.cost_at(now_ns())
-    }
-
     fn cost_at(&self, now: u64) -> f64 {
         self.estimate_at(now) * f64::from(self.pending.load(Ordering::Relaxed) + 1)
     }
@@ -283,7 +279,7 @@ impl Balancer {
                 let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
                 let usable = |e: &EndpointState| Some(e.addr) != avoid && !e.is_ejected_at(now);
                 match (usable(ea), usable(eb)) {
-                    (true, true) => Some(cheaper(ea, eb)),
+                    (true, true) => Some(cheaper(ea, eb, now)),
                     (true, false) => Some(ea),
                     (false, true) => Some(eb),
                     (false, false) => {
@@ -297,7 +293,7 @@ impl Balancer {
                             Some(match (Some(ea.addr) == avoid, Some(eb.addr) == avoid) {
                                 (true, _) => eb,
                                 (_, true) => ea,
-                                _ => cheaper(ea, eb),
+                                _ => cheaper(ea, eb, now),
                             })
                         })
                     }
@@ -309,8 +305,16 @@ impl Balancer {
 
 /// Costs within 1 % are a tie, won by the first draw: endpoints set up together differ by
 /// microseconds of decay, which must not order them for good.
-fn cheaper<'a>(a: &'a Arc<EndpointState>, b: &'a Arc<EndpointState>) -> &'a Arc<EndpointState> {
-    if b.cost() < a.cost() * 0.99 { b } else { a }
+fn cheaper<'a>(
+    a: &'a Arc<EndpointState>,
+    b: &'a Arc<EndpointState>,
+    now: u64,
+) -> &'a Arc<EndpointState> {
+    if b.cost_at(now) < a.cost_at(now) * 0.99 {
+        b
+    } else {
+        a
+    }
 }
 
 /// Endpoint states by address, so that a new policy snapshot reuses the estimates of the last.
