@@ -693,34 +693,10 @@ async fn send_to_service(
             None => Ok(sent.await),
         }
         .and_then(|r| r.map_err(AttemptError::Upstream));
-        // What failed, if anything, and whether it counts against the endpoint.
-        let (failure, endpoint_failed) = match &result {
-            Ok(res) => {
-                let code = res.status().as_u16();
-                let asked = policy.is_some_and(|p| {
-                    p.codes.contains(&code)
-                        || (grpc
-                            && !p.grpc_codes.is_empty()
-                            && res
-                                .headers()
-                                .get("grpc-status")
-                                .and_then(|v| v.to_str().ok())
-                                .and_then(|v| v.parse::<u16>().ok())
-                                .is_some_and(|c| p.grpc_codes.contains(&c)))
-                });
-                (asked.then_some(Failure::Status), code >= 500)
-            }
-            Err(AttemptError::Timeout) => (Some(Failure::Timeout), true),
-            Err(AttemptError::Upstream(e)) => {
-                tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
-                let f = if e.is_connect() {
-                    Failure::Connect
-                } else {
-                    Failure::Connection
-                };
-                (Some(f), true)
-            }
-        };
+        // A 5xx answer, a broken exchange or a timeout counts against the endpoint.
+        let endpoint_failed = result
+            .as_ref()
+            .map_or(true, |res| res.status().is_server_error());
         if endpoint_failed {
             if in_flight.failure(&accrual) {
                 tracing::info!(endpoint = %ep.addr, backend = %at.backend, "endpoint ejected after consecutive failures");
@@ -730,12 +706,21 @@ async fn send_to_service(
             in_flight.success();
         }
         drop(in_flight);
-        let Some(failure) = failure else {
+        // What failed, keeping an answer the route asked to retry in case it is the last.
+        let (failure, answer) = match result {
+            Ok(res) if policy.is_some_and(|p| asks_retry(p, &res, grpc)) => {
+                (Failure::Status, Some(res))
+            }
             // A success, or a failure the route did not ask to retry: passed on as it is.
-            return match result {
-                Ok(res) => h::from_upstream(res),
-                Err(_) => unreachable_answer(grpc),
-            };
+            Ok(res) => return h::from_upstream(res),
+            Err(AttemptError::Timeout) => (Failure::Timeout, None),
+            Err(AttemptError::Upstream(e)) => {
+                tracing::debug!(error = %e, endpoint = %ep.addr, "upstream request failed");
+                match e.is_connect() {
+                    true => (Failure::Connect, None),
+                    false => (Failure::Connection, None),
+                }
+            }
         };
         let allowed =
             bodies.can_resend() && attempt < MAX_RETRIES && failure.is_safe_to_retry(&parts.method);
@@ -750,9 +735,9 @@ async fn send_to_service(
             retry = false;
         }
         if !(fail_over || retry) {
-            return match (result, failure) {
-                (Ok(res), _) => h::from_upstream(res),
-                (Err(_), Failure::Timeout) => {
+            return match (answer, failure) {
+                (Some(res), _) => h::from_upstream(res),
+                (None, Failure::Timeout) => {
                     proxy
                         .metrics
                         .timeouts
@@ -764,7 +749,7 @@ async fn send_to_service(
                         grpc,
                     )
                 }
-                (Err(_), f) => {
+                (None, f) => {
                     let connect = f == Failure::Connect;
                     proxy
                         .metrics
@@ -777,7 +762,7 @@ async fn send_to_service(
                 }
             };
         }
-        if let Ok(res) = result {
+        if let Some(res) = answer {
             // Read so the connection can be reused, within a bound.
             h::discard(res.into_body(), DISCARD_LIMIT).await;
         }
@@ -799,14 +784,18 @@ async fn send_to_service(
     }
 }
 
-/// The answer for an attempt that failed when no other follows; kept apart so the retry loop
-/// reads as decisions.
-fn unreachable_answer(grpc: bool) -> Response<Body> {
-    h::local(
-        StatusCode::BAD_GATEWAY,
-        "the backend could not be reached",
-        grpc,
-    )
+/// Whether a rule's retry policy asks for another attempt after this answer: its status is
+/// in `codes`, or (gRPC) the status of a trailers-only answer is in `grpc_codes`.
+fn asks_retry(policy: &trellis_api::policy::Retry, res: &Response<Incoming>, grpc: bool) -> bool {
+    policy.codes.contains(&res.status().as_u16())
+        || (grpc
+            && !policy.grpc_codes.is_empty()
+            && res
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok())
+                .is_some_and(|c| policy.grpc_codes.contains(&c)))
 }
 
 enum AttemptError {
