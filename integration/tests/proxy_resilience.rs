@@ -1,10 +1,11 @@
-//! Retries, timeouts and failure accrual through a real sidecar: a body fails over from an
-//! endpoint that refuses connections and arrives once; a POST is not sent again after it may
-//! have reached the backend; the retry budget bounds a retry storm; a stalled response stream
+//! Retries, timeouts and failure accrual through real sidecars: a body fails over from an
+//! endpoint that refuses connections (an app, or a peer sidecar that is gone) and arrives once;
+//! a POST is not sent again after it may have reached the backend; a mirrored body is retried
+//! whole and mirrored once; the retry budget bounds a retry storm; a stalled response stream
 //! is cut at the rule's request timeout; an endpoint that fails every request is ejected and
-//! comes back once it recovers.
+//! comes back once it recovers; a GRPCRoute retries the statuses its annotation names.
 //!
-//! The backends are apps outside the mesh (no sidecar), so the client's sidecar speaks to them
+//! Most backends are apps outside the mesh (no sidecar), so the client's sidecar speaks to them
 //! directly and each test controls exactly how they fail.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -87,6 +88,8 @@ fn start(block: u8, manifests: &str, flags: &[&str]) -> (tempfile::TempDir, Cont
 struct App {
     seen: Arc<Mutex<Vec<(String, usize)>>>,
     failing: Arc<AtomicBool>,
+    /// Requests still to answer 503 before the app answers normally.
+    fail_next: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -95,17 +98,18 @@ impl App {
         let listener = TcpListener::bind(addr).await.unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicBool::new(false));
-        let (s, f) = (seen.clone(), failing.clone());
+        let fail_next = Arc::new(AtomicUsize::new(0));
+        let (s, f, n) = (seen.clone(), failing.clone(), fail_next.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (s, f) = (s.clone(), f.clone());
+                let (s, f, n) = (s.clone(), f.clone(), n.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
-                        let (s, f) = (s.clone(), f.clone());
-                        async move { Ok::<_, Infallible>(answer(req, &s, &f, delay).await) }
+                        let (s, f, n) = (s.clone(), f.clone(), n.clone());
+                        async move { Ok::<_, Infallible>(answer(req, &s, &f, &n, delay).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -116,6 +120,7 @@ impl App {
         App {
             seen,
             failing,
+            fail_next,
             task,
         }
     }
@@ -135,6 +140,7 @@ async fn answer(
     req: Request<Incoming>,
     seen: &Mutex<Vec<(String, usize)>>,
     failing: &AtomicBool,
+    fail_next: &AtomicUsize,
     delay: Duration,
 ) -> Response<BoxBody<Bytes, Infallible>> {
     let (parts, body) = req.into_parts();
@@ -152,7 +158,10 @@ async fn answer(
         return Response::new(Stall(false).boxed());
     }
     let mut res = Response::new(http_body_util::Full::new(Bytes::from(len.to_string())).boxed());
-    if failing.load(Ordering::SeqCst) {
+    let fail_now = fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    if failing.load(Ordering::SeqCst) || fail_now {
         *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     res
@@ -590,4 +599,63 @@ spec:
         3.0,
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_body_is_retried_whole_and_mirrored_once() {
+    let block = 96;
+    let manifests = service(block, "web", &[11])
+        + &service(block, "sink", &[12])
+        + &route(
+            "web",
+            "retry: {codes: [503], attempts: 2, backoff: 1ms}
+    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: sink, port: 80}}}]",
+        );
+    let (_dir, _controller, sidecar) = start(block, &manifests, &[]);
+    let web = App::start(SocketAddr::new(ip(block, 11), 8080), Duration::ZERO).await;
+    let sink = App::start(SocketAddr::new(ip(block, 12), 8080), Duration::ZERO).await;
+    web.fail_next.store(1, Ordering::SeqCst);
+    let payload = Bytes::from(vec![b'm'; 10 * 1024]);
+    let res = http1_client()
+        .request(request(&sidecar, "POST", "web", "/", body(payload)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "10240");
+    // The backend got the whole body twice (503, then 200), the mirror once.
+    let seen = web.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [("POST".to_string(), 10240), ("POST".to_string(), 10240)]
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sink.count() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mirrored = sink.seen.lock().unwrap().clone();
+    assert_eq!(mirrored, [("POST".to_string(), 10240)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_fails_over_between_sidecars_when_a_peer_is_gone() {
+    let block = 97;
+    // No route: requests to `echo` go to its two meshed pods.
+    let mut mesh = trellis_integration::mesh::Mesh::start(block, "").await;
+    // The sidecar of echo-v2-0 is gone: its endpoint refuses the hop's connections.
+    mesh.backends[1].process.kill();
+    let client = http1_client();
+    let payload = Bytes::from(vec![b'z'; 10 * 1024]);
+    for i in 0..20 {
+        let req = mesh
+            .request("echo", "/")
+            .method("POST")
+            .body(body(payload.clone()))
+            .unwrap();
+        let (status, _, echoed) = trellis_integration::mesh::send(&client, req).await;
+        assert_eq!(status, StatusCode::OK, "request {i}");
+        let echoed = echoed.unwrap();
+        assert_eq!((echoed.pod.as_str(), echoed.body_len), ("echo-v1-0", 10240));
+    }
+    assert_eq!(mesh.apps["echo-v1-0"].count(), 20);
 }
