@@ -630,10 +630,14 @@ async fn send_to_service(
     let mut bodies = if body.is_end_stream() {
         Bodies::Empty
     } else if retries > 0 || can_fail_over {
-        Bodies::Replay(crate::replay::ReplayBody::new(
-            body,
-            args.retry_max_body_bytes,
-        ))
+        // Without retries only a body never read (a failed connect) is sent again: nothing
+        // needs keeping.
+        let cap = if retries > 0 {
+            args.retry_max_body_bytes
+        } else {
+            0
+        };
+        Bodies::Replay(crate::replay::ReplayBody::new(body, cap))
     } else {
         Bodies::Once(Some(body))
     };

@@ -7,6 +7,9 @@
 //! stopped. Past the cap the kept frames are freed and replay is given up: the attempt that is
 //! reading goes on unharmed, and [`ReplayBody::is_replayable`] says no further attempt can be
 //! made. A clone that would need freed frames fails instead of sending a short body.
+//!
+//! Until its first byte is read any body can be sent again, whatever its size: that is the
+//! case of a failed connect. A cap of 0 keeps nothing and allows exactly that.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -44,6 +47,8 @@ struct Shared {
     ended: bool,
     /// The cap was passed: `kept` is freed and no new reader may start.
     given_up: bool,
+    /// Whether frames are kept at all: not for a body announced larger than the cap.
+    keep: bool,
     cap: usize,
     /// The client's size hint, for the readers' own.
     hint: SizeHint,
@@ -65,11 +70,10 @@ impl std::fmt::Debug for ReplayBody {
 
 impl ReplayBody {
     /// Wraps `body`, keeping at most `cap` bytes for replay. A body that announces more than
-    /// `cap` bytes is never kept.
+    /// `cap` bytes is never kept: it can be sent again only while none of it was read.
     pub fn new(body: Body, cap: usize) -> Self {
         let hint = body.size_hint();
         let ended = body.is_end_stream();
-        let too_big = hint.lower() > cap as u64;
         let shared = Shared {
             inner: body,
             kept: Vec::new(),
@@ -77,7 +81,8 @@ impl ReplayBody {
             read: 0,
             trailers: None,
             ended,
-            given_up: too_big,
+            given_up: false,
+            keep: hint.lower() <= cap as u64,
             cap,
             hint,
         };
@@ -166,7 +171,7 @@ impl HttpBody for ReplayBody {
                 this.pos += 1;
                 this.sent += data.len() as u64;
                 if !s.given_up {
-                    if s.kept_bytes + data.len() > s.cap {
+                    if !s.keep || s.kept_bytes + data.len() > s.cap {
                         s.given_up = true;
                         s.kept = Vec::new();
                         s.kept_bytes = 0;
@@ -297,8 +302,29 @@ mod tests {
     async fn a_body_announced_over_the_cap_is_never_kept() {
         let body = crate::http::full(Bytes::from(vec![b'x'; 100]));
         let b = ReplayBody::new(body, 10);
+        // Nothing read yet (a failed connect): it can still go elsewhere, whole.
+        assert!(b.is_replayable());
+        let first = b.replay().unwrap();
+        assert_eq!(read_all(first).await.unwrap().0.len(), 100);
         assert!(!b.is_replayable());
-        assert_eq!(read_all(b).await.unwrap().0.len(), 100);
+        assert!(b.replay().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cap_of_zero_allows_only_a_body_never_read() {
+        let (tx, body) = channel();
+        let b = ReplayBody::new(body, 0);
+        let untouched = b.replay().unwrap();
+        drop(untouched);
+        let mut second = b.replay().unwrap();
+        tx.send(Frame::data(Bytes::from_static(b"a")))
+            .await
+            .unwrap();
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        assert!(!b.is_replayable());
     }
 
     #[tokio::test]
