@@ -659,3 +659,50 @@ async fn a_body_fails_over_between_sidecars_when_a_peer_is_gone() {
     }
     assert_eq!(mesh.apps["echo-v1-0"].count(), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_the_cap_is_not_retried_but_still_fails_over() {
+    let block = 98;
+    // .11 refuses connections; .12 answers, with a 503 when told.
+    let manifests = service(block, "web", &[11, 12])
+        + &route("web", "retry: {codes: [503], attempts: 2, backoff: 1ms}");
+    // The default cap, `--retry-max-body-bytes` 65536.
+    let (_dir, _controller, sidecar) = start(block, &manifests, &[]);
+    let app = App::start(SocketAddr::new(ip(block, 12), 8080), Duration::ZERO).await;
+    let client = http1_client();
+    let big = Bytes::from(vec![b'b'; 100 * 1024]);
+    // Past the cap, any body still goes elsewhere after a failed connect: none of it was sent.
+    for i in 0..10 {
+        let req = request(&sidecar, "POST", "web", "/", body(big.clone()));
+        let res = client.request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "request {i}");
+        assert_eq!(
+            res.into_body().collect().await.unwrap().to_bytes(),
+            "102400"
+        );
+    }
+    // But an answer the route would retry is final: the body cannot be sent whole again.
+    app.fail_next.store(1, Ordering::SeqCst);
+    let before = app.count();
+    let res = client
+        .request(request(&sidecar, "POST", "web", "/", body(big.clone())))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.count() - before, 1);
+    // Within the cap it is retried.
+    app.fail_next.store(1, Ordering::SeqCst);
+    let small = Bytes::from(vec![b's'; 60 * 1024]);
+    let res = client
+        .request(request(&sidecar, "POST", "web", "/", body(small)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(app.count() - before, 3);
+    let seen = app.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter()
+            .all(|(_, len)| *len == 102_400 || *len == 61_440),
+        "{seen:?}"
+    );
+}
