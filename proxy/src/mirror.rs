@@ -45,6 +45,11 @@ pub fn start(proxy: &Proxy, req: Request<Incoming>, mirrors: &[&Backend]) -> Req
             continue;
         };
         let queue = Queue::new(cap);
+        // A request without a body (most GETs) is never read to its end: its copy is
+        // complete already.
+        if body.is_end_stream() {
+            queue.finish();
+        }
         let meshed = ep.identity.is_some();
         let Ok(copy) = crate::outbound::build_upstream(
             &parts,

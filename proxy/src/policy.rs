@@ -448,34 +448,14 @@ mod tests {
 
     #[test]
     fn compiles_a_snapshot_and_selects_rules() {
-        let snapshot = OutboundPolicy::Service(ServicePolicy {
-            service: ObjectRef {
-                namespace: "ns".into(),
-                name: "web".into(),
-            },
-            cluster_ip: "10.96.0.1".into(),
-            port: 80,
-            port_name: None,
-            app_protocol: None,
-            opaque: None,
-            routing: wire::Routing::Http {
-                routes: vec![Route {
-                    kind: RouteKind::Http,
-                    id: ObjectRef {
-                        namespace: "ns".into(),
-                        name: "r".into(),
-                    },
-                    rules: vec![WireRule {
-                        index: 3,
-                        name: None,
-                        matches: vec![HttpMatch::default()],
-                        filters: vec![],
-                        backends: vec![backend("a", 1, &[1])],
-                        timeouts: Timeouts::default(),
-                        retry: None,
-                    }],
-                }],
-            },
+        let snapshot = http_snapshot(WireRule {
+            index: 3,
+            name: None,
+            matches: vec![HttpMatch::default()],
+            filters: vec![],
+            backends: vec![backend("a", 1, &[1])],
+            timeouts: Timeouts::default(),
+            retry: None,
         });
         let policy = Policy::compile(snapshot, &EndpointRegistry::default()).unwrap();
         let PolicyKind::Service(svc) = &policy.kind else {
@@ -535,6 +515,11 @@ mod tests {
             retry: None,
         };
         rule.timeouts.request_ms = Some(100);
+        http_snapshot(rule)
+    }
+
+    /// The policy of `ns/web:80` with one HTTPRoute `ns/r` of one rule.
+    fn http_snapshot(rule: WireRule<HttpMatch>) -> OutboundPolicy {
         OutboundPolicy::Service(ServicePolicy {
             service: ObjectRef {
                 namespace: "ns".into(),
