@@ -562,6 +562,90 @@ impl Echoed {
     }
 }
 
+/// Switches a WebSocket handshake: the app greets (`hello from <pod>`), then echoes every
+/// message until the client closes.
+fn websocket(pod: &str, key: &[u8], mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, protocol::Role};
+    let upgrade = hyper::upgrade::on(&mut req);
+    let pod = pod.to_string();
+    tokio::spawn(async move {
+        let Ok(io) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            Role::Server,
+            None,
+        )
+        .await;
+        if ws
+            .send(Message::text(format!("hello from {pod}")))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.is_close() || ws.send(msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut res = Response::new(Full::new(Bytes::new()));
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert("connection", "upgrade".parse().unwrap());
+    h.insert("upgrade", "websocket".parse().unwrap());
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    h.insert("sec-websocket-accept", accept.parse().unwrap());
+    res
+}
+
+/// What a WebSocket exchange showed: the app's greeting and what came back for `text`.
+#[derive(Clone, Debug, Default, serde::Deserialize, serde::Serialize)]
+pub struct WsReply {
+    pub greeting: String,
+    pub echo: String,
+    pub error: Option<String>,
+}
+
+/// Opens a WebSocket to `url` over `stream` (a connection to a sidecar or to the Service),
+/// reads the greeting, sends `text`, reads it back and closes.
+pub async fn websocket_exchange(stream: tokio::net::TcpStream, url: &str, text: &str) -> WsReply {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut reply = WsReply::default();
+    let exchange = async {
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        reply.greeting = next_text(&mut ws).await?;
+        ws.send(Message::text(text))
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        reply.echo = next_text(&mut ws).await?;
+        ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+        Ok::<(), String>(())
+    };
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+    {
+        reply.error = Some(e);
+    }
+    reply
+}
+
+async fn next_text(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> Result<String, String> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => Ok(t.to_string()),
+        other => Err(format!("expected a text message, got {other:?}")),
+    }
+}
+
 /// An app that answers every request with what it saw (HTTP/1.1 and HTTP/2). Query parameters
 /// steer it: `status=503`, `delay_ms=200`, `header=name:value`.
 #[derive(Debug)]
@@ -593,7 +677,7 @@ impl Echo {
                         async move { Ok::<_, Infallible>(echo(&pod, &count, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
             }
@@ -618,6 +702,14 @@ impl Drop for Echo {
 
 async fn echo(pod: &str, count: &AtomicUsize, req: Request<Incoming>) -> Response<Full<Bytes>> {
     count.fetch_add(1, Ordering::SeqCst);
+    if let Some(key) = req.headers().get("sec-websocket-key").cloned()
+        && req
+            .headers()
+            .get("upgrade")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    {
+        return websocket(pod, key.as_bytes(), req);
+    }
     let query: Vec<(String, String)> = req
         .uri()
         .query()

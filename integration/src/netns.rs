@@ -518,6 +518,16 @@ impl Pod {
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
     }
 
+    /// A WebSocket exchange from the pod with the app at `url` (`trellis-curl --ws`).
+    pub fn websocket(&self, url: &str, text: &str) -> crate::WsReply {
+        let (status, out, err) = run_bounded(
+            self.curl_command(&["--ws", url, "--send", text]),
+            Duration::from_secs(20),
+        );
+        assert!(status.success(), "trellis-curl --ws {url}: {out}{err}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
     /// The sidecar's `/metrics` text.
     pub fn metrics(&self) -> String {
         assert!(self.spec.meshed, "{} has no sidecar", self.name());

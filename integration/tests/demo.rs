@@ -59,6 +59,13 @@ fn assert_story(stdout: &str) {
     );
     assert!(stdout.contains("answered by catalog-v2-0"), "{stdout}");
     assert!(
+        stdout.contains(
+            "(greeting); sent \"hello over the mesh\", echoed back \"hello over the mesh\""
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  hello from catalog-v"), "{stdout}");
+    assert!(
         stdout.contains("trellis_mirrors_total{result=\"sent\"} 200"),
         "{stdout}"
     );

@@ -8,6 +8,7 @@
 //! trellis-curl --until STATUS --within-ms MS URL     # one request, repeated until STATUS
 //! trellis-curl --tcp HOST:PORT --send TEXT            # greeting, then TEXT echoed back
 //! trellis-curl --tcp HOST:PORT --send TEXT --send-first  # TEXT first, then the greeting
+//! trellis-curl --ws ws://HOST[:PORT]/PATH --send TEXT  # WebSocket: greeting, TEXT echoed
 //! ```
 //!
 //! `-n` requests (default 1) are shared by `-c` workers (default 1) on one pooled client
@@ -51,6 +52,7 @@ struct Args {
     tcp: Option<String>,
     send: String,
     send_first: bool,
+    ws: Option<String>,
 }
 
 fn parse() -> Args {
@@ -71,6 +73,7 @@ fn parse() -> Args {
         tcp: None,
         send: String::new(),
         send_first: false,
+        ws: None,
     };
     let ms = |v: String| Duration::from_millis(v.parse().unwrap());
     let mut it = std::env::args().skip(1);
@@ -97,6 +100,7 @@ fn parse() -> Args {
             "--within-ms" => a.within = ms(value()),
             "--tcp" => a.tcp = Some(value()),
             "--send-first" => a.send_first = true,
+            "--ws" => a.ws = Some(value()),
             "--send" => a.send = value(),
             url if !url.starts_with('-') => a.url = url.into(),
             other => panic!("unknown flag {other}"),
@@ -207,6 +211,20 @@ async fn main() {
     let a = parse();
     if let Some(addr) = &a.tcp {
         let reply = tcp(addr, &a.send, a.send_first, a.timeout);
+        println!("{}", serde_json::to_string(&reply).unwrap());
+        return;
+    }
+    if let Some(url) = &a.ws {
+        let uri: http::Uri = url.parse().unwrap();
+        let host = uri.host().unwrap();
+        let addr = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+        let reply = match tokio::net::TcpStream::connect(&addr).await {
+            Ok(stream) => trellis_integration::websocket_exchange(stream, url, &a.send).await,
+            Err(e) => trellis_integration::WsReply {
+                error: Some(format!("connect {addr}: {e}")),
+                ..Default::default()
+            },
+        };
         println!("{}", serde_json::to_string(&reply).unwrap());
         return;
     }

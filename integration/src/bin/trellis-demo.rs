@@ -43,6 +43,8 @@ const SERVICES: [(&str, &[&str]); 4] = [
 const CLIENT_POD: &str = "web-0";
 const CLIENT_LOOPBACK: [u8; 4] = [127, 0, 10, 5];
 const REQUESTS: usize = 200;
+/// What the demo sends over its WebSocket.
+const WS_TEXT: &str = "hello over the mesh";
 
 fn heading(s: &str) {
     println!("\n== {s}");
@@ -61,6 +63,8 @@ struct Outcome {
     mirrored: usize,
     pinned: String,
     redirect: (StatusCode, String),
+    /// The WebSocket exchange: who greeted, and what came back.
+    websocket: trellis_integration::WsReply,
     metrics_at: String,
     metrics: String,
 }
@@ -206,6 +210,7 @@ fn in_namespaces(args: &Args) {
         .get("http://catalog/items", &["x-canary: always"])
         .pod();
     let moved = client.get("http://catalog/v0/items", &[]);
+    let websocket = client.websocket("ws://catalog/chat", WS_TEXT);
     let outcome = Outcome {
         by_pod,
         last: replies.last().and_then(|r| r.echoed()),
@@ -215,6 +220,7 @@ fn in_namespaces(args: &Args) {
             StatusCode::from_u16(moved.status.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY),
             moved.headers.get("location").cloned().unwrap_or_default(),
         ),
+        websocket,
         metrics_at: format!("{CLIENT_POD} :4191/metrics"),
         metrics: client.metrics(),
     };
@@ -322,6 +328,12 @@ async fn on_loopback(args: &Args) {
     .await
     .pod;
     let moved = http.request(get("/v0/items", &[])).await.unwrap();
+    // The sidecar's outbound port, as the app would reach it; the URL's host routes it.
+    let stream = tokio::net::TcpStream::connect(client.outbound())
+        .await
+        .unwrap();
+    let websocket =
+        trellis_integration::websocket_exchange(stream, "ws://catalog/chat", WS_TEXT).await;
     let outcome = Outcome {
         by_pod,
         last,
@@ -336,6 +348,7 @@ async fn on_loopback(args: &Args) {
                 .unwrap_or_default()
                 .to_string(),
         ),
+        websocket,
         metrics_at: format!("http://{}/metrics", client.admin()),
         metrics: client.metrics().await,
     };
@@ -378,6 +391,15 @@ fn report(o: &Outcome) {
 
     heading("the old API: GET /v0/items");
     println!("  {} Location: {}", o.redirect.0, o.redirect.1);
+
+    heading("a WebSocket through the mesh: ws://catalog/chat");
+    match &o.websocket.error {
+        None => println!(
+            "  {} (greeting); sent {WS_TEXT:?}, echoed back {:?}",
+            o.websocket.greeting, o.websocket.echo
+        ),
+        Some(e) => println!("  failed: {e}"),
+    }
 
     heading(&format!("the client sidecar's metrics ({})", o.metrics_at));
     for line in o.metrics.lines().filter(|l| {
