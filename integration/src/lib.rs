@@ -274,6 +274,31 @@ fn listening_addr(line: &str) -> SocketAddr {
         .unwrap()
 }
 
+/// Manifests of a Service `shop/<name>` on port 80 with endpoints `127.0.<block>.<host>:8080`
+/// and no sidecars.
+pub fn plain_service(block: u8, name: &str, hosts: &[u8]) -> String {
+    let mut out = format!(
+        "---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+"
+    );
+    for host in hosts {
+        out += &format!("- {{addresses: ['127.0.{block}.{host}'], conditions: {{ready: true}}}}\n");
+    }
+    out
+}
+
 /// `trellis-controller serve` in local mode.
 #[derive(Debug)]
 pub struct Controller {

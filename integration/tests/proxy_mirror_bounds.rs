@@ -23,23 +23,7 @@ fn ip(block: u8, host: u8) -> IpAddr {
 fn cluster(block: u8) -> String {
     let mut out = String::new();
     for (name, host) in [("web", 11), ("sink", 12), ("flaky", 13)] {
-        out += &format!(
-            "---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: shop}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-- {{addresses: ['127.0.{block}.{host}'], conditions: {{ready: true}}}}
-"
-        );
+        out += &trellis_integration::plain_service(block, name, &[host]);
     }
     out += "---
 apiVersion: gateway.networking.k8s.io/v1

@@ -26,35 +26,14 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+
 use trellis_integration::netns::metric;
-use trellis_integration::{Controller, Sidecar, TestBody, body, empty, http1_client};
+use trellis_integration::{
+    Controller, Sidecar, TestBody, body, empty, http1_client, plain_service as service,
+};
 
 fn ip(block: u8, host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, block, host))
-}
-
-/// Service `shop/<name>` on port 80 with endpoints `127.0.<block>.<host>:8080`, no sidecars.
-fn service(block: u8, name: &str, hosts: &[u8]) -> String {
-    let mut out = format!(
-        "---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: shop}}
-spec:
-  ports: [{{name: http, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-ports: [{{name: http, port: 8080}}]
-endpoints:
-"
-    );
-    for host in hosts {
-        out += &format!("- {{addresses: ['127.0.{block}.{host}'], conditions: {{ready: true}}}}\n");
-    }
-    out
 }
 
 /// An HTTPRoute on `shop/<name>:80` to the Service itself, with `extra` added to its rule.
