@@ -57,6 +57,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "podMonitor": {"enabled": True, "interval": "1m", "labels": {"release": "prom"}},
         },
     },
+    "dashboards-alerts": {
+        "monitoring": {
+            "dashboards": {"enabled": True, "labels": {"release": "prom"},
+                           "annotations": {"grafana_folder": "Trellis"}},
+            "alerts": {"enabled": True, "labels": {"release": "prom"}},
+        },
+    },
     "custom": {
         "trustDomain": "mesh.example.org",
         "clusterDomain": "corp.local",

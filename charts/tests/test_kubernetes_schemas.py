@@ -16,7 +16,9 @@ KUBERNETES_VERSIONS = ["1.25.0", "1.29.0", kubernetes_validate.latest_version()]
 MONITORING_FIELDS = {
     "ServiceMonitor": {"namespaceSelector", "selector", "endpoints"},
     "PodMonitor": {"namespaceSelector", "selector", "podMetricsEndpoints"},
+    "PrometheusRule": {"groups"},
 }
+RULE_FIELDS = {"alert", "expr", "for", "labels", "annotations"}
 ENDPOINT_FIELDS = {"port", "path", "interval"}
 
 
@@ -53,7 +55,15 @@ def test_monitoring_objects_have_the_operator_shape(any_render):
         assert obj["kind"] in MONITORING_FIELDS
         assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
         assert set(obj["spec"]) == MONITORING_FIELDS[obj["kind"]]
-        endpoints = obj["spec"].get("endpoints") or obj["spec"]["podMetricsEndpoints"]
+        if obj["kind"] == "PrometheusRule":
+            for group in obj["spec"]["groups"]:
+                assert set(group) == {"name", "rules"} and isinstance(group["name"], str)
+                for rule in group["rules"]:
+                    assert set(rule) <= RULE_FIELDS and {"alert", "expr"} <= set(rule), rule
+                    assert isinstance(rule["expr"], str)
+                    assert all(isinstance(v, str) for v in rule["labels"].values())
+                    assert all(isinstance(v, str) for v in rule["annotations"].values())
+        endpoints = obj["spec"].get("endpoints") or obj["spec"].get("podMetricsEndpoints") or []
         for endpoint in endpoints:
             assert set(endpoint) == ENDPOINT_FIELDS
             assert isinstance(endpoint["port"], str)
