@@ -299,6 +299,33 @@ endpoints:
     out
 }
 
+/// An HTTP/2 server with prior knowledge on `addr`, as a gRPC server is; `handle` answers every
+/// request. Runs until the test ends.
+pub async fn h2c_server<F, Fut>(addr: SocketAddr, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = handle(req);
+                    async move { Ok::<_, Infallible>(answer.await) }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
 /// `trellis-controller serve` in local mode.
 #[derive(Debug)]
 pub struct Controller {

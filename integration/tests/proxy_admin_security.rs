@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use trellis_integration::netns::{self, Reply};
 use trellis_integration::{Ca, Process, Sidecar, binary, empty, http1_client};
@@ -251,26 +251,13 @@ async fn app_health_performs_tcp_probes() {
 /// A gRPC server with the standard health service, answering as grpc-go's does: `""` and
 /// `shop.Cart` SERVING, `shop.Down` NOT_SERVING, anything else `NOT_FOUND` (trailers only).
 async fn grpc_health_app(addr: SocketAddr) -> Arc<AtomicUsize> {
-    let listener = TcpListener::bind(addr).await.unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let count = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let count = count.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let count = count.clone();
-                    async move { Ok::<_, Infallible>(grpc_health(req, &count).await) }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    trellis_integration::h2c_server(addr, move |req| {
+        let count = count.clone();
+        async move { grpc_health(req, &count).await }
+    })
+    .await;
     calls
 }
 

@@ -463,39 +463,26 @@ async fn a_failing_endpoint_is_ejected_and_returns_after_it_recovers() {
 /// A gRPC server whose calls fail, answering trailers-only `UNAVAILABLE`, except every third,
 /// which answers one message and `grpc-status: 0` in trailers.
 async fn flaky_grpc(addr: SocketAddr) -> Arc<AtomicUsize> {
-    let listener = TcpListener::bind(addr).await.unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let count = calls.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+    trellis_integration::h2c_server(addr, move |req| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let _ = req.into_body().collect().await;
+            let mut res = if n % 3 == 2 {
+                Response::new(GrpcOk(0).boxed())
+            } else {
+                let mut res = Response::new(http_body_util::Empty::new().boxed());
+                res.headers_mut()
+                    .insert("grpc-status", "14".parse().unwrap());
+                res
             };
-            let count = count.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let n = count.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        let mut res = if n % 3 == 2 {
-                            Response::new(GrpcOk(0).boxed())
-                        } else {
-                            let mut res = Response::new(http_body_util::Empty::new().boxed());
-                            res.headers_mut()
-                                .insert("grpc-status", "14".parse().unwrap());
-                            res
-                        };
-                        res.headers_mut()
-                            .insert("content-type", "application/grpc".parse().unwrap());
-                        Ok::<_, Infallible>(res)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            res.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+            res
         }
-    });
+    })
+    .await;
     calls
 }
 
