@@ -173,6 +173,24 @@ pub struct Args {
     /// The longest ejection.
     #[arg(long, env = "TRELLIS_FAILURE_ACCRUAL_MAX_PROBATION", default_value = "60s", value_parser = parse_duration)]
     pub failure_accrual_max_probation: Duration,
+    /// An access log line per request: `off` or `json`.
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_enum, default_value_t = crate::access_log::Format::Off)]
+    pub access_log: crate::access_log::Format,
+    /// Where the access log goes (appended); standard output when unset.
+    #[arg(long, env = "TRELLIS_ACCESS_LOG_PATH")]
+    pub access_log_path: Option<std::path::PathBuf>,
+    /// Where the sidecar's spans are sent, OTLP/HTTP protobuf: `http://host:4318` (spans are
+    /// posted to `/v1/traces` unless the URL names a path). Unset: no tracing, and trace
+    /// headers pass through untouched.
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// How long one export of spans may take.
+    #[arg(long, env = "TRELLIS_OTLP_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub otlp_timeout: Duration,
+    /// The share of requests without a `traceparent` that start a trace (0 to 1); requests
+    /// with one follow its sampled flag.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLING", default_value_t = 0.0)]
+    pub trace_sampling: f64,
 }
 
 /// Why the settings cannot be used.
@@ -211,6 +229,12 @@ pub enum ConfigError {
         "--failure-accrual-probation must be at least 1ms and at most --failure-accrual-max-probation"
     )]
     Probation,
+    #[error("--otlp-endpoint: {0}")]
+    OtlpEndpoint(String),
+    #[error("--trace-sampling must be between 0 and 1")]
+    TraceSampling,
+    #[error("--access-log-path needs --access-log json")]
+    AccessLogPath,
 }
 
 /// Where the controller runs unless `--controller-identity` says otherwise.
@@ -231,6 +255,8 @@ pub struct Config {
     pub anchors_pem: Option<String>,
     /// Set when identity is on: who the discovery connection must reach.
     pub controller_identity: Option<Identity>,
+    /// Set when tracing is on: where spans are posted.
+    pub otlp_endpoint: Option<http::Uri>,
 }
 
 impl Args {
@@ -294,6 +320,20 @@ impl Args {
         {
             return Err(ConfigError::Probation);
         }
+        let otlp_endpoint = self
+            .otlp_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(crate::trace::endpoint_uri)
+            .transpose()
+            .map_err(ConfigError::OtlpEndpoint)?;
+        if !(0.0..=1.0).contains(&self.trace_sampling) {
+            return Err(ConfigError::TraceSampling);
+        }
+        if self.access_log_path.is_some() && self.access_log == crate::access_log::Format::Off {
+            return Err(ConfigError::AccessLogPath);
+        }
         Ok(Config {
             args: self,
             opaque_ports,
@@ -302,6 +342,7 @@ impl Args {
             app_probes,
             anchors_pem,
             controller_identity,
+            otlp_endpoint,
         })
     }
 
@@ -507,6 +548,45 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn observability() {
+        let c = validate(&[]).unwrap();
+        assert_eq!(c.args.access_log, crate::access_log::Format::Off);
+        assert_eq!(c.otlp_endpoint, None);
+        let c = validate(&[
+            "--access-log",
+            "json",
+            "--otlp-endpoint",
+            "http://otel:4318",
+        ])
+        .unwrap();
+        assert_eq!(c.args.access_log, crate::access_log::Format::Json);
+        assert_eq!(c.otlp_endpoint.unwrap(), "http://otel:4318/v1/traces");
+        assert_eq!(
+            validate(&["--otlp-endpoint", " "]).unwrap().otlp_endpoint,
+            None
+        );
+        assert!(matches!(
+            validate(&["--otlp-endpoint", "otel:4317"]),
+            Err(ConfigError::OtlpEndpoint(_))
+        ));
+        for bad in [
+            "--trace-sampling=1.5",
+            "--trace-sampling=-0.1",
+            "--trace-sampling=NaN",
+        ] {
+            assert_eq!(
+                validate(&[bad]).unwrap_err(),
+                ConfigError::TraceSampling,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            validate(&["--access-log-path", "/tmp/x"]).unwrap_err(),
+            ConfigError::AccessLogPath
+        );
     }
 
     #[test]

@@ -212,7 +212,27 @@ async fn handle(
         }
         None => proxy.empty_label.clone(),
     };
+    let begun = proxy.observe.begin(&mut req);
+    let peer = begun
+        .as_ref()
+        .filter(|_| !peer_label.is_empty())
+        .map(|_| Box::from(&*peer_label));
     let res = forward(proxy, app, req, grpc).await;
+    if let Some(begun) = begun {
+        let done = crate::observe::Done {
+            parent: proxy.empty_label.clone(),
+            route: proxy.empty_label.clone(),
+            rule: proxy.empty_label.clone(),
+            backend: proxy.empty_label.clone(),
+            endpoint: None,
+            peer_identity: peer,
+            retries: 0,
+        };
+        let status = res.status().as_u16();
+        proxy
+            .observe
+            .end(begun, DIRECTION, done, status, res.headers());
+    }
     let labels = RequestLabels {
         direction: DIRECTION,
         parent: proxy.empty_label.clone(),

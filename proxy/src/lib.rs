@@ -3,10 +3,11 @@
 //! One module per concern, named after the domain: the two traffic directions (`outbound`,
 //! `inbound`), what they share (`detect`, `http`, `tcp`, `hop` — the single place where a
 //! connection to an endpoint is made), what decides where requests go (`discovery`, `policy`,
-//! `balance`), and the rest of the sidecar (`admin`, `metrics`, `config`, `run`, `init`). The
-//! workload certificate and mutual TLS live in the `trellis-tls` crate, shared with the
-//! controller.
+//! `balance`), and the rest of the sidecar (`admin`, `metrics`, the access log and spans in
+//! `observe`, `config`, `run`, `init`). The workload certificate and mutual TLS live in the
+//! `trellis-tls` crate, shared with the controller.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod balance;
@@ -21,6 +22,7 @@ pub mod init;
 pub mod listen;
 pub mod metrics;
 pub mod mirror;
+pub mod observe;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
@@ -30,4 +32,5 @@ pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod tcp;
+pub mod trace;
 pub mod upgrade;

@@ -20,6 +20,7 @@ use crate::detect::{self, Prefixed, Protocol};
 use crate::discovery::Subscription;
 use crate::http::{self as h, Body, ORIG_PROTO};
 use crate::metrics::{RequestCache, RequestLabels};
+use crate::observe::{Attempts, Done};
 use crate::policy::{Backend, Filter, Policy, PolicyKind, Routing, Rule, Target};
 use crate::pool::RequestAuthority;
 use crate::proxy::Proxy;
@@ -175,6 +176,8 @@ struct Outcome {
     route: Arc<str>,
     rule: Arc<str>,
     backend: Arc<str>,
+    /// For the access log and spans: the endpoint and the retries.
+    attempts: Attempts,
 }
 
 impl Outcome {
@@ -185,15 +188,36 @@ impl Outcome {
             route: proxy.empty_label.clone(),
             rule: proxy.empty_label.clone(),
             backend: proxy.empty_label.clone(),
+            attempts: Attempts::new(proxy.observe.is_on()),
+        }
+    }
+
+    fn done(&self) -> Done {
+        let (endpoint, peer_identity) = self.attempts.endpoint();
+        Done {
+            parent: self.parent.clone(),
+            route: self.route.clone(),
+            rule: self.rule.clone(),
+            backend: self.backend.clone(),
+            endpoint,
+            peer_identity,
+            retries: self.attempts.retries(),
         }
     }
 }
 
-async fn handle(proxy: &Arc<Proxy>, conn: &Conn, req: Request<Incoming>) -> Response<Body> {
+async fn handle(proxy: &Arc<Proxy>, conn: &Conn, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let grpc = h::is_grpc(&req);
     let mut outcome = Outcome::new(proxy);
+    let begun = proxy.observe.begin(&mut req);
     let res = route(proxy, conn, req, grpc, &mut outcome).await;
+    if let Some(begun) = begun {
+        let status = res.status().as_u16();
+        proxy
+            .observe
+            .end(begun, DIRECTION, outcome.done(), status, res.headers());
+    }
     let labels = RequestLabels {
         direction: DIRECTION,
         parent: outcome.parent,
@@ -662,6 +686,7 @@ async fn send_to_service(
                 grpc,
             );
         };
+        at.attempts.picked(ep, attempt);
         let meshed = ep.identity.is_some();
         // Only an attempt that may be followed by another needs its own copy of the headers.
         let may_follow =

@@ -28,6 +28,8 @@ pub struct Proxy {
     pub mirror_permits: Arc<tokio::sync::Semaphore>,
     /// The empty label value, shared so that requests without a route clone a pointer.
     pub empty_label: Arc<str>,
+    /// The access log and tracing, when configured.
+    pub observe: crate::observe::Observe,
 }
 
 impl Proxy {

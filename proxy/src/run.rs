@@ -171,6 +171,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config,
         discovery: discovery.clone(),
         upstream,
+    let (observe, observers) = observe(&config, &mut registry)?;
         hop,
         endpoints,
         metrics,
@@ -182,6 +183,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
     let draining = Arc::new(crate::proxy::Draining::default());
     let admin_state = AdminState {
+        observe,
         registry: Arc::new(registry),
         ready: ready.clone(),
         discovery,
@@ -259,10 +261,56 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+    // The access log's and the exporter's last lines and spans, within a bound.
+    for task in observers {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
 async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
+/// The access log writer and the span exporter, each when configured, and their tasks.
+fn observe(
+    config: &Config,
+    registry: &mut Registry,
+) -> anyhow::Result<(crate::observe::Observe, Vec<tokio::task::JoinHandle<()>>)> {
+    use crate::access_log::{self, Format};
+    let mut observe = crate::observe::Observe::default();
+    let mut tasks = Vec::new();
+    if config.args.access_log == Format::Json {
+        let (log, task) = match &config.args.access_log_path {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| {
+                        format!("--access-log-path: cannot open {}", path.display())
+                    })?;
+                let file = tokio::fs::File::from_std(file);
+                access_log::start(file, access_log::QUEUE, registry)
+            }
+            None => access_log::start(tokio::io::stdout(), access_log::QUEUE, registry),
+        };
+        observe.access_log = Some(log);
+        tasks.push(task);
+    }
+    if let Some(endpoint) = &config.otlp_endpoint {
+        let export = crate::trace::ExportConfig {
+            endpoint: endpoint.clone(),
+            timeout: config.args.otlp_timeout,
+            sampling: config.args.trace_sampling,
+            pod_name: config.args.pod_name.clone(),
+            namespace: config.args.namespace.clone(),
+            queue: crate::trace::QUEUE,
+        };
+        let (tracer, task) = crate::trace::start(export, registry);
+        observe.tracer = Some(tracer);
+        tasks.push(task);
+    }
+    Ok((observe, tasks))
+}
+
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
