@@ -28,6 +28,8 @@ pub const OPAQUE_PORTS: &str = trellis_api::policy::OPAQUE_PORTS_ANNOTATION;
 pub const REWRITE_PROBES: &str = "trellis.dev/rewrite-probes";
 /// The proxy's log filter.
 pub const PROXY_LOG_LEVEL: &str = "trellis.dev/proxy-log-level";
+/// The proxy's access log: `off` or `json` (one JSON line per request on its standard output).
+pub const ACCESS_LOG: &str = "trellis.dev/access-log";
 /// The proxy container's CPU request.
 pub const PROXY_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
 /// The proxy container's memory request.
@@ -61,6 +63,7 @@ pub struct Overrides {
     pub opaque_ports: Option<PortList>,
     pub rewrite_probes: Option<RewriteProbes>,
     pub log_level: Option<String>,
+    pub access_log: Option<AccessLog>,
     pub cpu_request: Option<Quantity>,
     pub memory_request: Option<Quantity>,
     pub memory_limit: Option<Quantity>,
@@ -112,6 +115,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
     field(OPAQUE_PORTS, &|v| PortList::parse(v).map(drop));
     field(REWRITE_PROBES, &|v| parse_rewrite_probes(v).map(drop));
     field(PROXY_LOG_LEVEL, &|v| parse_log_level(v).map(drop));
+    field(ACCESS_LOG, &|v| parse_access_log(v).map(drop));
     field(PROXY_CPU_REQUEST, &|v| Quantity::cpu(v).map(drop));
     field(PROXY_MEMORY_REQUEST, &|v| Quantity::memory(v).map(drop));
     field(PROXY_MEMORY_LIMIT, &|v| Quantity::memory(v).map(drop));
@@ -128,10 +132,37 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
         opaque_ports: get(OPAQUE_PORTS).and_then(|v| PortList::parse(v).ok()),
         rewrite_probes: get(REWRITE_PROBES).and_then(|v| parse_rewrite_probes(v).ok()),
         log_level: get(PROXY_LOG_LEVEL).and_then(|v| parse_log_level(v).ok()),
+        access_log: get(ACCESS_LOG).and_then(|v| parse_access_log(v).ok()),
         cpu_request: get(PROXY_CPU_REQUEST).and_then(|v| Quantity::cpu(v).ok()),
         memory_request: get(PROXY_MEMORY_REQUEST).and_then(|v| Quantity::memory(v).ok()),
         memory_limit: get(PROXY_MEMORY_LIMIT).and_then(|v| Quantity::memory(v).ok()),
     })
+}
+
+/// What `trellis.dev/access-log` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    Json,
+}
+
+impl AccessLog {
+    /// The proxy's `TRELLIS_ACCESS_LOG` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessLog::Off => "off",
+            AccessLog::Json => "json",
+        }
+    }
+}
+
+/// `off` or `json`, as the proxy's `--access-log` takes them.
+pub fn parse_access_log(value: &str) -> Result<AccessLog, String> {
+    match value.trim() {
+        "off" => Ok(AccessLog::Off),
+        "json" => Ok(AccessLog::Json),
+        other => Err(format!("{other:?} is not off or json")),
+    }
 }
 
 /// `enabled` or `disabled`; anything else is refused rather than guessed, so a typo such as

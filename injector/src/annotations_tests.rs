@@ -190,6 +190,24 @@ fn parse_reads_every_trellis_annotation() {
 }
 
 #[test]
+fn access_log() {
+    for (text, want) in [
+        ("off", AccessLog::Off),
+        ("json", AccessLog::Json),
+        (" json ", AccessLog::Json),
+    ] {
+        assert_eq!(parse_access_log(text), Ok(want), "{text:?}");
+    }
+    for bad in ["", "JSON", "on", "text"] {
+        assert!(parse_access_log(bad).is_err(), "{bad:?}");
+    }
+    let overrides = parse(&map(&[(ACCESS_LOG, "json")])).unwrap();
+    assert_eq!(overrides.access_log, Some(AccessLog::Json));
+    let error = parse(&map(&[(ACCESS_LOG, "yes")])).unwrap_err();
+    assert_eq!(error.0[0].annotation, ACCESS_LOG);
+}
+
+#[test]
 fn parse_reports_every_bad_annotation_at_once() {
     let error = parse(&map(&[
         (INJECT, "false"),

@@ -481,3 +481,21 @@ fn rewrite_probes_disabled_keeps_probe_ports_plaintext() {
         "annotation trellis.dev/rewrite-probes: \"off\" is not a valid value (use enabled or disabled)"
     );
 }
+
+#[test]
+fn the_access_log_annotation_sets_the_proxys_env() {
+    for (value, want) in [("json", Some("json")), ("off", Some("off"))] {
+        let mut pod = pod(json!({}), json!({"trellis.dev/access-log": value}));
+        assert_eq!(inject(&mut pod, Some("shop"), &settings()), Ok(None));
+        assert_eq!(proxy_env(&pod, "TRELLIS_ACCESS_LOG"), want, "{value}");
+    }
+    let mut plain = pod(json!({}), Value::Null);
+    assert_eq!(inject(&mut plain, Some("shop"), &settings()), Ok(None));
+    assert_eq!(proxy_env(&plain, "TRELLIS_ACCESS_LOG"), None);
+    let refused = plan(
+        &pod(json!({}), json!({"trellis.dev/access-log": "yes"})),
+        Some("shop"),
+        &settings(),
+    );
+    assert!(refused.is_err());
+}

@@ -277,6 +277,9 @@ fn proxy_container(
         let json = serde_json::to_string(&inbound.app_probes).unwrap_or_default();
         env_vars.push(env(APP_PROBES_ENV, json));
     }
+    if let Some(format) = overrides.access_log {
+        env_vars.push(env("TRELLIS_ACCESS_LOG", format.as_str()));
+    }
     if let Some(ports) = overrides.opaque_ports.as_ref().filter(|p| !p.is_empty()) {
         env_vars.push(env(
             "TRELLIS_OPAQUE_PORTS",
