@@ -5,6 +5,10 @@
 //! `200` whose body never ends while the proxy listens: newline-delimited JSON, one full
 //! [`OutboundPolicy`](crate::policy::OutboundPolicy) per line, a new line whenever the policy
 //! changes. Errors are a non-200 status with an [`ErrorBody`].
+//!
+//! Over mutual TLS a proxy also sends `GET /v1/trust-anchors` on the same connection: the
+//! answer is a stream of [`TrustAnchorsUpdate`] lines, the full bundle the controller trusts
+//! at once and again whenever it changes, so that a root rotation reaches running proxies.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +20,15 @@ use serde::{Deserialize, Serialize};
 pub const OUTBOUND_PATH: &str = "/v1/outbound";
 /// Content type of the stream: one JSON document per line.
 pub const NDJSON: &str = "application/x-ndjson";
+/// Path of the trust anchors stream (mutual TLS only).
+pub const TRUST_ANCHORS_PATH: &str = "/v1/trust-anchors";
+
+/// One line of the trust anchors stream: the whole bundle, never a difference.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustAnchorsUpdate {
+    /// The root certificates, PEM.
+    pub pem: String,
+}
 
 /// The body of a non-200 answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

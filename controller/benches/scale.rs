@@ -330,6 +330,7 @@ async fn controller(s: Scale) {
     let options = Options {
         limits: Limits::default(),
         metrics: metrics.clone(),
+        ..Options::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve_with_options(

@@ -6,7 +6,9 @@
 //! wakes no stream and sends no byte. Streams are capped per client and in total ([`Limits`]).
 //!
 //! With mutual TLS ([`serve_tls`]) the client's namespace is the one in its certificate: a
-//! proxy cannot ask for the consumer routes of a namespace it does not run in.
+//! proxy cannot ask for the consumer routes of a namespace it does not run in. Over mutual TLS
+//! the server also streams the trust anchors it holds ([`Options::anchors`]), so that a root
+//! rotation reaches proxies without a restart.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,8 +30,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use trellis_api::Identity;
-use trellis_api::discovery::{ErrorBody, NDJSON, OUTBOUND_PATH, Target};
+use trellis_api::discovery::{
+    ErrorBody, NDJSON, OUTBOUND_PATH, TRUST_ANCHORS_PATH, Target, TrustAnchorsUpdate,
+};
 use trellis_api::policy::OutboundPolicy;
+use trellis_tls::AnchorSet;
 
 use crate::index::Index;
 use crate::subscriptions::{Answer, Permit, StreamCounter, Subscription, Subscriptions};
@@ -73,6 +78,9 @@ impl Policies for Index {
 pub struct Options {
     pub limits: Limits,
     pub metrics: DiscoveryMetrics,
+    /// The trust anchors the controller holds, streamed to mutual TLS clients on
+    /// [`TRUST_ANCHORS_PATH`]; `None`: that path answers 404.
+    pub anchors: Option<watch::Receiver<Arc<AnchorSet>>>,
 }
 
 /// Who asks, and so where its namespace comes from.
@@ -132,6 +140,7 @@ struct Shared<P> {
     index: watch::Receiver<Arc<P>>,
     subscriptions: Subscriptions,
     streams: Arc<StreamCounter>,
+    anchors: Option<watch::Receiver<Arc<AnchorSet>>>,
 }
 
 async fn serve_with<P: Policies>(
@@ -145,6 +154,7 @@ async fn serve_with<P: Policies>(
         index: index.clone(),
         subscriptions: Subscriptions::default(),
         streams: StreamCounter::new(options.limits, options.metrics),
+        anchors: options.anchors,
     });
     let fan_out = tokio::spawn(fan_out(index, shared.clone()));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -291,21 +301,25 @@ fn handle<P: Policies>(
     shared: &Shared<P>,
     stop: &watch::Receiver<bool>,
 ) -> Response<ResponseBody> {
-    if req.uri().path() != OUTBOUND_PATH {
+    let path = req.uri().path();
+    if path != OUTBOUND_PATH && path != TRUST_ANCHORS_PATH {
         return error(
             StatusCode::NOT_FOUND,
-            format!("no such path {:?}; try {OUTBOUND_PATH}", req.uri().path()),
+            format!("no such path {path:?}; try {OUTBOUND_PATH}"),
         );
     }
     if req.method() != Method::GET {
         let mut response = error(
             StatusCode::METHOD_NOT_ALLOWED,
-            format!("{OUTBOUND_PATH} only answers GET"),
+            format!("{path} only answers GET"),
         );
         response
             .headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("GET"));
         return response;
+    }
+    if path == TRUST_ANCHORS_PATH {
+        return trust_anchors(client, *peer_ip, shared, stop);
     }
     let (asked, target) = match parse_query(req.uri().query().unwrap_or_default()) {
         Ok(params) => params,
@@ -373,6 +387,94 @@ fn handle<P: Policies>(
         header::HeaderValue::from_static(NDJSON),
     );
     response
+}
+
+/// `GET /v1/trust-anchors`: the bundle the controller holds, at once and after each change.
+/// Only to a proxy that proved its mesh identity, and only when the controller has anchors.
+fn trust_anchors<P>(
+    client: &Client,
+    peer_ip: std::net::IpAddr,
+    shared: &Shared<P>,
+    stop: &watch::Receiver<bool>,
+) -> Response<ResponseBody> {
+    let Some(anchors) = &shared.anchors else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("{TRUST_ANCHORS_PATH} is served over mutual TLS only"),
+        );
+    };
+    if !matches!(client, Client::Mesh(_)) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the trust anchors are streamed to mesh workloads only (a client certificate with \
+             a spiffe:// URI SAN)"
+                .to_string(),
+        );
+    }
+    let permit = match shared.streams.open(peer_ip) {
+        Ok(permit) => permit,
+        Err(_) => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("{peer_ip} has too many discovery streams open"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return response;
+        }
+    };
+    let mut anchors = anchors.clone();
+    let first = anchors_line(&anchors.borrow_and_update());
+    let (tx, rx) = mpsc::channel(1);
+    let _ = tx.try_send(first);
+    tokio::spawn(stream_anchors(anchors, tx, permit, stop.clone()));
+    let mut response = Response::new(ResponseBody::Stream(rx));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(NDJSON),
+    );
+    response
+}
+
+/// One line of the trust anchors stream.
+fn anchors_line(set: &AnchorSet) -> Bytes {
+    let update = TrustAnchorsUpdate {
+        pem: set.pem().to_string(),
+    };
+    let mut line = serde_json::to_vec(&update).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Sends the bundle each time the controller's anchors change, until the client goes away or
+/// the server stops.
+async fn stream_anchors(
+    mut anchors: watch::Receiver<Arc<AnchorSet>>,
+    tx: mpsc::Sender<Bytes>,
+    _permit: Permit,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let changed = tokio::select! {
+            changed = anchors.changed() => changed.is_ok(),
+            () = tx.closed() => break,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        if !changed {
+            // The anchors lost their writer: nothing will change any more.
+            tokio::select! {
+                () = tx.closed() => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+            break;
+        }
+        let line = anchors_line(&anchors.borrow_and_update());
+        tokio::select! {
+            sent = tx.send(line) => if sent.is_err() { break },
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
 }
 
 /// Sends the stream's policy each time its subscription's answer changes, until the client

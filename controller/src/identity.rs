@@ -56,6 +56,20 @@ pub struct IdentityArgs {
     pub namespace: String,
 }
 
+impl IdentityArgs {
+    /// The file `--trust-anchors` names, if it names one rather than giving PEM text.
+    pub fn anchors_file(&self) -> Option<PathBuf> {
+        self.trust_anchors
+            .as_deref()
+            .filter(|v| !is_pem(v))
+            .map(PathBuf::from)
+    }
+}
+
+fn is_pem(value: &str) -> bool {
+    value.trim_start().starts_with("-----BEGIN")
+}
+
 /// Why the controller cannot take its identity.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -124,7 +138,6 @@ impl DiscoveryTls {
                 .unwrap_or_else(|| host.to_string()),
             token_path: args.token_path.clone(),
             identity: identity.clone(),
-            anchors_pem,
         };
         // Readiness is `certified`; the flag the sidecar's /ready reads is not needed here.
         let ready = Arc::new(AtomicBool::new(false));
@@ -148,6 +161,11 @@ impl DiscoveryTls {
     /// The credentials, to wait for the first certificate from another task.
     pub fn credentials(&self) -> Arc<trellis_tls::mesh::Credentials> {
         self.tls.credentials.clone()
+    }
+
+    /// The mutual TLS of the discovery port, whose trust anchors can be replaced.
+    pub fn mesh(&self) -> &MeshTls {
+        &self.tls
     }
 }
 
@@ -190,7 +208,7 @@ impl Drop for DiscoveryTls {
 fn read_anchors(value: Option<&str>) -> Result<String, IdentityError> {
     match value {
         None => Err(IdentityError::NoAnchors),
-        Some(pem) if pem.trim_start().starts_with("-----BEGIN") => Ok(pem.to_string()),
+        Some(pem) if is_pem(pem) => Ok(pem.to_string()),
         Some(path) => std::fs::read_to_string(path).map_err(|source| IdentityError::AnchorsFile {
             path: path.to_string(),
             source,

@@ -19,6 +19,8 @@ use crate::manifests::{self, Fingerprint, LoadError};
 use crate::objects::Objects;
 use crate::status;
 
+mod anchors;
+
 /// How often the manifest directory is checked for changes. A change is published after it has
 /// been stable for one interval, so an edit reaches proxies within about two intervals.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -78,6 +80,35 @@ pub struct Args {
     /// The controller's own identity, which turns on mutual TLS for discovery.
     #[command(flatten)]
     pub identity: IdentityArgs,
+
+    /// How often the --trust-anchors file is read again; a changed bundle replaces the
+    /// controller's anchors and is streamed to every proxy (e.g. `10s`, `500ms`).
+    #[arg(
+        long,
+        env = "TRELLIS_TRUST_ANCHORS_POLL_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_interval
+    )]
+    pub trust_anchors_poll_interval: Duration,
+}
+
+/// `500ms`, `10s`, `2m`: at least 100 ms.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let bad = || format!("{s:?} is not an interval such as 500ms, 10s or 2m (at least 100ms)");
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    if d < Duration::from_millis(100) {
+        return Err(bad());
+    }
+    Ok(d)
 }
 
 /// Runs the controller until SIGTERM or Ctrl-C.
@@ -138,7 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut registry = prometheus_client::registry::Registry::default();
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
-    let options = discovery_options(&args, &mut registry);
+    let options = discovery_options(&args, tls.as_ref(), &mut registry);
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.discovery_addr)
         .await
@@ -147,6 +178,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
     mark_ready_when_serving(&admin, tls.as_ref());
+    follow_anchors(&args, tls.as_ref(), stop_rx.clone());
     let reload = tokio::spawn(reload(dir, config, fingerprint, index_tx, stop_rx));
     crate::identity::serve_discovery(listener, index_rx, tls.as_ref(), options, shutdown).await?;
     admin.admin.set_ready(false);
@@ -162,10 +194,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let tls = DiscoveryTls::start(&args.identity, &config.trust_domain, &mut registry)?;
-    let options = discovery_options(&args, &mut registry);
+    let options = discovery_options(&args, tls.as_ref(), &mut registry);
     let mut shutdown = std::pin::pin!(shutdown_signal()?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = start_admin(args.admin_addr, registry, stop_rx.clone()).await?;
+    follow_anchors(&args, tls.as_ref(), stop_rx.clone());
     let namespace = &args.identity.namespace;
     let mut cluster = crate::kubernetes::start(&args.cluster, namespace, config, stop_rx).await?;
     if cluster.synced(&mut shutdown).await {
@@ -184,14 +217,38 @@ async fn run_kubernetes(args: Args, config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn discovery_options(args: &Args, registry: &mut prometheus_client::registry::Registry) -> Options {
+fn discovery_options(
+    args: &Args,
+    tls: Option<&DiscoveryTls>,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Options {
     Options {
         limits: Limits {
             total: args.max_streams,
             per_client: args.max_streams_per_client,
         },
         metrics: DiscoveryMetrics::new(registry),
+        anchors: tls.map(|tls| tls.mesh().anchors.subscribe()),
     }
+}
+
+/// With mutual TLS and `--trust-anchors` naming a file, follows that file until `stop`: a
+/// changed bundle replaces the anchors the controller verifies with and streams to proxies.
+fn follow_anchors(args: &Args, tls: Option<&DiscoveryTls>, stop: watch::Receiver<bool>) {
+    let (Some(tls), Some(path)) = (tls, args.identity.anchors_file()) else {
+        return;
+    };
+    tracing::info!(
+        file = %path.display(),
+        every = ?args.trust_anchors_poll_interval,
+        "following the trust anchors file"
+    );
+    tokio::spawn(anchors::follow(
+        path,
+        tls.mesh().clone(),
+        args.trust_anchors_poll_interval,
+        stop,
+    ));
 }
 
 /// The controller's metrics for the admin server.

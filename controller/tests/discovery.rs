@@ -77,6 +77,7 @@ async fn start_with(fake: Arc<Fake>, limits: Limits) -> Server {
     let options = Options {
         limits,
         metrics: metrics.clone(),
+        ..Options::default()
     };
     let task = tokio::spawn(serve_with_options(listener, rx, None, options, async {
         let _ = stop.await;

@@ -68,7 +68,6 @@ async fn certified(ca: &Ca, ns: &str, sa: &str) -> MeshTls {
         server_name: ca.addr.ip().to_string(),
         token_path: ca.dir.path().join(format!("token-{ns}-{sa}")),
         identity: Identity::new(TD, ns, sa),
-        anchors_pem: anchors,
     };
     certify(&cfg, &tls).await.unwrap();
     tls

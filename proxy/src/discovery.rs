@@ -28,6 +28,7 @@ use crate::balance::EndpointRegistry;
 use crate::config::Config;
 use crate::policy::Policy;
 
+mod anchors;
 mod controller;
 mod lines;
 

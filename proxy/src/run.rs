@@ -115,10 +115,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     let discovery = Discovery::new(discovery_config, endpoints.clone(), &mut registry);
+    if let (Some(tls), Some(_)) = (&tls, &config.controller_identity) {
+        // The controller hands on the trust anchors it holds, so that a root rotation needs no
+        // restart; those from the configuration are the bootstrap set.
+        discovery.follow_trust_anchors(tls.clone());
+    }
     // Ready once listening, and, with identity on, once the first certificate is in.
     let ready = Arc::new(AtomicBool::new(false));
-    let identity_task = match (&tls, &config.args.identity_addr, &config.anchors_pem) {
-        (Some(tls), Some(addr), Some(anchors)) => {
+    let identity_task = match (&tls, &config.args.identity_addr) {
+        (Some(tls), Some(addr)) => {
             let server_name = config.args.identity_server_name.clone().unwrap_or_else(|| {
                 addr.rsplit_once(':')
                     .map_or(addr.as_str(), |(h, _)| h)
@@ -133,7 +138,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     config.args.namespace.clone(),
                     config.args.service_account.clone(),
                 ),
-                anchors_pem: anchors.clone(),
             };
             let task = identity::start(cfg, tls.clone(), ready.clone(), &mut registry);
             Some(tokio::spawn(task))

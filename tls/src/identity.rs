@@ -37,8 +37,6 @@ pub struct IdentityConfig {
     pub server_name: String,
     pub token_path: PathBuf,
     pub identity: Identity,
-    /// The trust anchors (PEM) identity's serving certificate chains to.
-    pub anchors_pem: String,
 }
 
 /// Why one certify attempt failed.
@@ -91,6 +89,7 @@ pub fn start(
         metrics.failures.clone(),
     );
     registry.register_collector(Box::new(CertificateValid(tls.credentials.clone())));
+    tls.anchors.register(registry);
     async move {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -176,7 +175,7 @@ pub async fn certify(cfg: &IdentityConfig, tls: &MeshTls) -> Result<u64, Certify
         token: token.trim().to_string(),
     })
     .map_err(|e| CertifyFailure::Csr(e.to_string()))?;
-    let answer = post(cfg, Bytes::from(body)).await?;
+    let answer = post(cfg, tls, Bytes::from(body)).await?;
     let mut chain = vec![
         CertificateDer::from_pem_slice(answer.certificate.as_bytes())
             .map_err(|e| CertifyFailure::BadAnswer(e.to_string()))?,
@@ -199,17 +198,21 @@ pub async fn certify(cfg: &IdentityConfig, tls: &MeshTls) -> Result<u64, Certify
     Ok(answer.expires_at)
 }
 
-/// POSTs the request over TLS to identity, trusting the mesh's anchors.
-async fn post(cfg: &IdentityConfig, body: Bytes) -> Result<CertifyResponse, CertifyFailure> {
+/// POSTs the request over TLS to identity, trusting the mesh's anchors in use: after a root
+/// rotation identity's serving certificate chains to the new root.
+async fn post(
+    cfg: &IdentityConfig,
+    tls: &MeshTls,
+    body: Bytes,
+) -> Result<CertifyResponse, CertifyFailure> {
     let unreachable = |reason: String| CertifyFailure::Unreachable {
         addr: cfg.addr.clone(),
         reason,
     };
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(cfg.anchors_pem.as_bytes()) {
-        let cert = cert.map_err(|e| unreachable(format!("bad trust anchors: {e}")))?;
+    for cert in tls.anchors.current().certificates() {
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|e| unreachable(format!("bad trust anchor: {e}")))?;
     }
     let config = rustls::ClientConfig::builder_with_provider(crate::mesh::provider())

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use trellis_api::Identity;
+
+use crate::anchors::{LiveClientVerifier, Offered, TrustAnchors, client_sessions, server_sessions};
 
 /// The ALPN protocol id of HTTP/2, which the controller's discovery port speaks.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -224,6 +225,11 @@ impl Credentials {
     fn get(&self) -> Option<Arc<CertifiedKey>> {
         self.current.borrow().as_ref().map(|c| c.key.clone())
     }
+
+    /// The current chain, leaf first, if a certificate is installed.
+    pub fn chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        self.get().map(|k| k.cert.clone())
+    }
 }
 
 impl ResolvesServerCert for Credentials {
@@ -242,11 +248,11 @@ impl ResolvesClientCert for Credentials {
     }
 }
 
-/// Checks a server's chain to the trust anchors and that its URI SAN is the identity the
+/// Checks a server's chain to the trust anchors in use and that its URI SAN is the identity the
 /// client asked for.
 #[derive(Debug)]
 struct IdentityVerifier {
-    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    anchors: Arc<TrustAnchors>,
     algs: WebPkiSupportedAlgorithms,
     trust_domain: String,
 }
@@ -264,7 +270,7 @@ impl ServerCertVerifier for IdentityVerifier {
             .map_err(|e| rustls::Error::General(format!("bad peer certificate: {e}")))?;
         cert.verify_for_usage(
             self.algs.all,
-            &self.anchors,
+            &self.anchors.current().anchors,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -327,59 +333,51 @@ pub struct MeshTls {
     pub client: Arc<ClientConfig>,
     pub server: Arc<ServerConfig>,
     pub credentials: Arc<Credentials>,
+    /// What both sides verify peers with, replaceable while connections are open.
+    pub anchors: Arc<TrustAnchors>,
     pub provider: Arc<CryptoProvider>,
     trust_domain: String,
 }
 
 impl MeshTls {
-    /// Configurations trusting the PEM bundle `anchors`; credentials are installed later.
+    /// Configurations trusting the PEM bundle `anchors_pem` (until
+    /// [`MeshTls::offer_anchors`] replaces it); credentials are installed later.
     pub fn new(anchors_pem: &str, trust_domain: &str) -> Result<MeshTls, TlsError> {
         let provider = provider();
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(anchors_pem.as_bytes())
-                .collect::<Result<_, _>>()
-                .map_err(|e| TlsError::Anchor(e.to_string()))?;
-        if certs.is_empty() {
-            return Err(TlsError::NoAnchors);
-        }
-        let mut roots = RootCertStore::empty();
-        let mut anchors = Vec::new();
-        for cert in &certs {
-            roots
-                .add(cert.clone())
-                .map_err(|e| TlsError::Anchor(e.to_string()))?;
-            anchors.push(
-                webpki::anchor_from_trusted_cert(cert)
-                    .map_err(|e| TlsError::Anchor(e.to_string()))?
-                    .to_owned(),
-            );
-        }
+        let anchors = Arc::new(TrustAnchors::new(anchors_pem, provider.clone())?);
         let credentials = Arc::new(Credentials::default());
         let verifier = Arc::new(IdentityVerifier {
-            anchors,
+            anchors: anchors.clone(),
             algs: provider.signature_verification_algorithms,
             trust_domain: trust_domain.to_string(),
         });
-        let client = ClientConfig::builder_with_provider(provider.clone())
+        let mut client = ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_client_cert_resolver(credentials.clone());
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Anchor(e.to_string()))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        client.resumption = rustls::client::Resumption::store(client_sessions(anchors.clone()));
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(client_verifier)
+            .with_client_cert_verifier(Arc::new(LiveClientVerifier(anchors.clone())))
             .with_cert_resolver(credentials.clone());
+        server.session_storage = server_sessions(anchors.clone());
         Ok(MeshTls {
             client: Arc::new(client),
             server: Arc::new(server),
             credentials,
+            anchors,
             provider,
             trust_domain: trust_domain.to_string(),
         })
+    }
+
+    /// Replaces the trust anchors of every configuration made from this one with the PEM
+    /// bundle `pem`, for new handshakes, unless it is unusable or would not verify this
+    /// workload's current certificate (see [`TrustAnchors::offer`]). `source` names where the
+    /// bundle came from, for the log.
+    pub fn offer_anchors(&self, pem: &str, source: &str) -> Offered {
+        self.anchors.offer(pem, &self.credentials, source)
     }
 
     /// The configuration of a plain TLS server of the mesh, such as the controller's discovery

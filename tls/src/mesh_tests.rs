@@ -1,4 +1,5 @@
 use super::*;
+use crate::anchors::{Offered, RefusedBundle};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -329,4 +330,146 @@ fn the_certificate_state_follows_the_leafs_own_validity() {
         CertificateState::Expired { not_after: end }
     );
     assert!(!c.state_at(end + 1).is_valid());
+}
+
+/// An open connection: the client writes `ping`, the server echoes it, and both ends stay up.
+async fn open(
+    client: &MeshTls,
+    server: &MeshTls,
+    expect: ServerName<'static>,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server.clone());
+    let echo = tokio::spawn(async move {
+        let mut tls = acceptor.accept(s).await.unwrap();
+        let mut buf = [0; 4];
+        while tls.read_exact(&mut buf).await.is_ok() {
+            tls.write_all(&buf).await.unwrap();
+            tls.flush().await.unwrap();
+        }
+    });
+    let mut tls = tokio_rustls::TlsConnector::from(client.client.clone())
+        .connect(expect, c)
+        .await
+        .unwrap();
+    // One exchange: in TLS 1.3 the server checks the client's certificate after the client
+    // is done, so only an answer shows that both ends accepted the handshake.
+    let mut buf = [0; 4];
+    tls.write_all(b"ping").await.unwrap();
+    tls.flush().await.unwrap();
+    tls.read_exact(&mut buf).await.unwrap();
+    (tls, echo)
+}
+
+#[tokio::test]
+async fn new_anchors_serve_new_handshakes_and_spare_open_connections() {
+    let (a, b) = (Ca::new(), Ca::new());
+    let (web, api) = (id("shop", "web"), id("shop", "api"));
+    let both = format!("{}{}", a.pem(), b.pem());
+    // A server certified under A that trusts A only refuses a client certified under B.
+    let server = mesh(&a, Some(&api));
+    let client_b = MeshTls::new(&both, TD).unwrap();
+    let (chain, key) = b.leaf(Some(&web));
+    client_b
+        .credentials
+        .set(&client_b.provider, chain, key)
+        .unwrap();
+    let api_name = server_name(&api).unwrap();
+    assert!(
+        handshake(&client_b, &server, api_name.clone())
+            .await
+            .is_err()
+    );
+    assert_eq!(server.offer_anchors(&both, "test"), Offered::Applied);
+    assert_eq!(
+        handshake(&client_b, &server, api_name.clone()).await,
+        Ok(Some(web.clone()))
+    );
+    assert_eq!(server.offer_anchors(&both, "again"), Offered::Unchanged);
+
+    // The client side: a client trusting A only refuses a server certified under B.
+    let client_a = mesh(&a, Some(&web));
+    let server_b = MeshTls::new(&both, TD).unwrap();
+    let (chain, key) = b.leaf(Some(&api));
+    server_b
+        .credentials
+        .set(&server_b.provider, chain, key)
+        .unwrap();
+    assert!(
+        handshake(&client_a, &server_b, api_name.clone())
+            .await
+            .is_err()
+    );
+    assert_eq!(client_a.offer_anchors(&both, "test"), Offered::Applied);
+    let (mut conn, _echo) = open(&client_a, &server_b, api_name.clone()).await;
+
+    // A server under B that drops A refuses new handshakes from A's clients (the session the
+    // client could resume is forgotten, so its certificate is checked again), while the
+    // connection made before keeps working.
+    assert_eq!(server_b.offer_anchors(&b.pem(), "test"), Offered::Applied);
+    assert!(
+        handshake(&client_a, &server_b, api_name.clone())
+            .await
+            .is_err()
+    );
+    let mut buf = [0; 4];
+    conn.write_all(b"ping").await.unwrap();
+    conn.flush().await.unwrap();
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn unusable_bundles_are_refused_counted_once_and_change_nothing() {
+    let (a, b) = (Ca::new(), Ca::new());
+    let (web, api) = (id("shop", "web"), id("shop", "api"));
+    let client = mesh(&a, Some(&web));
+    let server = mesh(&a, Some(&api));
+    let mut registry = prometheus_client::registry::Registry::default();
+    client.anchors.register(&mut registry);
+    let before = client.anchors.current().expires_at();
+    let bad_der = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    for bundle in ["", "garbage", bad_der] {
+        assert!(
+            matches!(
+                client.offer_anchors(bundle, "test"),
+                Offered::Refused(RefusedBundle::Invalid(_))
+            ),
+            "{bundle:?}"
+        );
+    }
+    // B alone would not verify the client's own certificate, issued under A: peers that trust
+    // only B would refuse it.
+    for _ in 0..2 {
+        assert!(matches!(
+            client.offer_anchors(&b.pem(), "test"),
+            Offered::Refused(RefusedBundle::NotOwnChain(_))
+        ));
+    }
+    assert!(
+        handshake(&client, &server, server_name(&api).unwrap())
+            .await
+            .is_ok()
+    );
+    assert_eq!(client.anchors.current().pem(), a.pem());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("trellis_identity_trust_anchor_updates_total{result=\"refused\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("trellis_identity_trust_anchor_updates_total{result=\"applied\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "trellis_identity_trust_anchor_expiry_timestamp_seconds {before}"
+        )),
+        "{text}"
+    );
+    assert!(before > 0);
 }
