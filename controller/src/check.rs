@@ -1,18 +1,25 @@
-//! `trellis-controller check`: the status every route of a manifest directory would get.
+//! `trellis-controller check`: the status every route of a manifest directory, or of the
+//! cluster (`--kubernetes`), would get.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::index::{Config, Index};
-use crate::manifests;
+use crate::objects::Objects;
+use crate::source::{self, Source};
 use crate::status::RouteStatus;
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["manifests", "kubernetes"])))]
 pub struct Args {
     /// Directory of Kubernetes YAML manifests (Services, EndpointSlices, Pods, HTTPRoutes,
     /// GRPCRoutes).
-    #[arg(long, env = "TRELLIS_MANIFESTS")]
-    pub manifests: PathBuf,
+    #[arg(long, env = "TRELLIS_MANIFESTS", value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Read the same kinds from the Kubernetes API server instead (kubeconfig or in-cluster
+    /// config; list only, nothing is written).
+    #[arg(long)]
+    pub kubernetes: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Yaml)]
     pub output: Format,
@@ -36,27 +43,49 @@ pub const UNHEALTHY: u8 = 1;
 pub const UNREADABLE: u8 = 2;
 
 pub fn main(args: Args) -> ExitCode {
-    let objects = match manifests::load_dir(&args.manifests) {
-        Ok(objects) => objects,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(UNREADABLE);
-        }
+    let source = match &args.manifests {
+        Some(dir) => Source::Manifests(dir),
+        None => Source::Kubernetes,
     };
     let config = Config {
         trust_domain: args.trust_domain,
         cluster_domain: args.cluster_domain,
     };
-    let index = Index::build(&objects, &config);
+    let outcome = outcome(source::load(source), &config, args.output);
+    print!("{}", outcome.stdout);
+    eprint!("{}", outcome.stderr);
+    ExitCode::from(outcome.code)
+}
+
+/// What `check` prints and how it exits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: u8,
+}
+
+/// `check`'s answer for the cluster as read (or the reason it could not be read).
+pub fn outcome(loaded: Result<Objects, String>, config: &Config, format: Format) -> Outcome {
+    let failed = |message: String| Outcome {
+        stdout: String::new(),
+        stderr: format!("error: {message}\n"),
+        code: UNREADABLE,
+    };
+    let objects = match loaded {
+        Ok(objects) => objects,
+        Err(e) => return failed(e),
+    };
+    let index = Index::build(&objects, config);
     let statuses = index.statuses();
-    match render(statuses, args.output) {
-        Ok(text) => print!("{text}"),
-        Err(e) => {
-            eprintln!("error: cannot print the status: {e}");
-            return ExitCode::from(UNREADABLE);
-        }
+    match render(statuses, format) {
+        Ok(text) => Outcome {
+            stdout: text,
+            stderr: String::new(),
+            code: exit_code(statuses),
+        },
+        Err(e) => failed(format!("cannot print the status: {e}")),
     }
-    ExitCode::from(exit_code(statuses))
 }
 
 pub fn exit_code(statuses: &[RouteStatus]) -> u8 {

@@ -1,7 +1,9 @@
 //! `trellis-controller explain`: how one request from a namespace to a host would be routed.
 //!
 //! It runs the proxy's own matcher and filter functions (from `trellis-api`) on the policy the
-//! controller would send, so its answer is the proxy's answer.
+//! controller would send, so its answer is the proxy's answer. With `--pod` or `--admin` it
+//! runs them on the policy a sidecar really holds ([`crate::sidecar`]) as well, and says
+//! whether that is still what the controller would send.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,15 +24,36 @@ use trellis_api::policy::{
 
 use crate::index::{Config, Index};
 use crate::manifests;
+use crate::sidecar::{self, Held};
+use crate::source;
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").args(["manifests", "kubernetes"])))]
+#[command(group(clap::ArgGroup::new("sidecar").args(["pod", "admin"])))]
 pub struct Args {
     /// Directory of Kubernetes YAML manifests.
-    #[arg(long, env = "TRELLIS_MANIFESTS")]
-    pub manifests: PathBuf,
-    /// Namespace of the client pod.
+    #[arg(
+        long,
+        env = "TRELLIS_MANIFESTS",
+        value_name = "DIR",
+        required_unless_present_any = ["kubernetes", "pod", "admin"]
+    )]
+    pub manifests: Option<PathBuf>,
+    /// Read the cluster from the Kubernetes API server instead (kubeconfig or in-cluster
+    /// config; list only, nothing is written).
     #[arg(long)]
-    pub from: String,
+    pub kubernetes: bool,
+    /// Also answer from what the sidecar of this pod holds, read from its admin port through
+    /// the API server's port-forward.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub pod: Option<String>,
+    /// Also answer from what the sidecar whose admin server is at this address holds (local
+    /// mode, or the local end of `kubectl port-forward POD 4191`).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Namespace of the client pod [default with --pod or --admin: the sidecar's].
+    #[arg(long, required_unless_present_any = ["pod", "admin"])]
+    pub from: Option<String>,
     /// Destination: a Service name (`svc`, `svc.ns`, `svc.ns.svc.cluster.local`) or a cluster
     /// or pod IP, with an optional `:PORT` (default 80).
     #[arg(long)]
@@ -53,38 +76,94 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> ExitCode {
-    let request = match build_request(&args) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let objects = match manifests::load_dir(&args.manifests) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let index = Index::build(
-        &objects,
-        &Config {
-            trust_domain: args.trust_domain,
-            cluster_domain: args.cluster_domain,
-        },
-    );
-    let explanation = explain(&index, &args.from, &request);
-    match serde_json::to_string_pretty(&explanation) {
-        Ok(s) => {
-            println!("{s}");
+    let answered = source::runtime().and_then(|rt| rt.block_on(run(args)));
+    match answered {
+        Ok(text) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: cannot print the explanation: {e}");
+            eprintln!("error: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// The JSON `explain` prints, or the error that stops it.
+pub async fn run(args: Args) -> Result<String, String> {
+    run_with(args, None).await
+}
+
+/// As [`run`], talking to the API server through `client` when one is given rather than
+/// through the kubeconfig's or the pod's.
+pub async fn run_with(args: Args, mut client: Option<kube::Client>) -> Result<String, String> {
+    let request = build_request(&args)?;
+    let held = match (&args.pod, &args.admin) {
+        (Some(pod), _) => {
+            let (namespace, name) = sidecar::pod_name(pod).map_err(|e| e.to_string())?;
+            let c = match client.take() {
+                Some(c) => c,
+                None => crate::kubernetes::client()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            let held = sidecar::fetch_pod(&c, &namespace, &name)
+                .await
+                .map_err(|e| e.to_string())?;
+            client = Some(c);
+            Some((format!("pod {namespace}/{name}"), held))
+        }
+        (None, Some(admin)) => {
+            let addr = sidecar::admin_addr(admin).map_err(|e| e.to_string())?;
+            let held = sidecar::fetch_admin(&addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            Some((format!("admin {addr}"), held))
+        }
+        (None, None) => None,
+    };
+    let from = match (&args.from, &held) {
+        (Some(from), Some((what, held))) if *from != held.namespace => {
+            return Err(format!(
+                "--from {from}: the sidecar ({what}) is in namespace {}; leave --from out to \
+                 use it",
+                held.namespace
+            ));
+        }
+        (Some(from), _) => from.clone(),
+        (None, Some((_, held))) => held.namespace.clone(),
+        (None, None) => return Err("--from is required".to_string()),
+    };
+    let objects = if let Some(dir) = &args.manifests {
+        Some(manifests::load_dir(dir).map_err(|e| e.to_string())?)
+    } else if args.kubernetes {
+        let c = match client {
+            Some(c) => c,
+            None => crate::kubernetes::client()
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        Some(source::list(&c).await?)
+    } else {
+        None
+    };
+    let config = Config {
+        trust_domain: args.trust_domain.clone(),
+        cluster_domain: args.cluster_domain.clone(),
+    };
+    let controller = objects.map(|o| Index::build(&o, &config).outbound(&from, &request.target));
+    let printed = match held {
+        Some((what, held)) => {
+            let report = compare(&what, &held, &from, &request, &config, controller);
+            serde_json::to_string_pretty(&report)
+        }
+        None => {
+            // Without a sidecar, a source is required (clap makes sure of it).
+            let policy = controller.ok_or("--manifests or --kubernetes is required")?;
+            serde_json::to_string_pretty(&explain_policy(policy, &from, &request))
+        }
+    };
+    printed.map_err(|e| format!("cannot print the explanation: {e}"))
 }
 
 /// A what-if request: the destination and the request head a client would send.
@@ -239,10 +318,155 @@ pub struct BackendView {
     pub request_headers: BTreeMap<String, Vec<String>>,
 }
 
+/// `explain --pod` / `--admin`: the answer from the policy a sidecar holds, beside the
+/// controller's when its view was read.
+#[derive(Clone, Debug, Serialize)]
+pub struct SidecarReport {
+    pub from: String,
+    pub to: String,
+    pub sidecar: SidecarView,
+    /// What the controller would answer now (with `--manifests` or `--kubernetes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<Explanation>,
+    /// Whether the sidecar holds exactly the policy the controller would send now; `false`
+    /// means the sidecar is stale (or the controller's view was read from elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<bool>,
+    /// The fields of the two explanations that differ for this request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SidecarView {
+    /// `pod NAMESPACE/NAME` or `admin ADDR`.
+    pub source: String,
+    /// The sidecar's namespace.
+    pub namespace: String,
+    /// Whether the sidecar holds a policy for the destination.
+    pub holds: bool,
+    /// The destination entry used, as the sidecar follows it (`host:port` or `ip:port`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
+    /// What else `/config` says about that entry (a version or an age, when the proxy gives
+    /// one), as is.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, serde_json::Value>,
+    /// Why there is no explanation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Every destination the sidecar follows, when none is this one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub follows: Vec<String>,
+    /// The answer from the sidecar's own policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}
+
+/// Explains `what_if` with the policy `held` has for its destination and, when given, with the
+/// `controller`'s, and compares the two.
+pub fn compare(
+    source: &str,
+    held: &Held,
+    from: &str,
+    what_if: &WhatIf,
+    config: &Config,
+    controller: Option<OutboundPolicy>,
+) -> SidecarReport {
+    let to = what_if.target.to_string();
+    let mut view = SidecarView {
+        source: source.to_string(),
+        namespace: held.namespace.clone(),
+        holds: false,
+        destination: None,
+        details: BTreeMap::new(),
+        message: None,
+        follows: Vec::new(),
+        explanation: None,
+    };
+    let mut held_policy = None;
+    match held.find(&what_if.target, &config.cluster_domain) {
+        None => {
+            view.message = Some(format!(
+                "the sidecar holds no policy for {to}: it asks the controller for a destination \
+                 when the app first connects to it, and drops it after a while unused"
+            ));
+            view.follows = held.destinations.iter().map(|d| d.target.clone()).collect();
+        }
+        Some(entry) => {
+            view.destination = Some(entry.target.clone());
+            view.details = entry.details.clone();
+            match entry.policy() {
+                None => {
+                    view.message = Some(format!(
+                        "the sidecar follows {} but has no policy for it yet: the controller \
+                         has not answered",
+                        entry.target
+                    ));
+                }
+                Some(Err(e)) => {
+                    view.message = Some(format!("cannot read the sidecar's policy: {e}"));
+                }
+                Some(Ok(policy)) => {
+                    view.holds = true;
+                    view.explanation = Some(explain_policy(policy.clone(), from, what_if));
+                    held_policy = Some(policy);
+                }
+            }
+        }
+    }
+    let controller_explanation = controller
+        .as_ref()
+        .map(|p| explain_policy(p.clone(), from, what_if));
+    let (in_sync, differences) = match (&held_policy, &controller, &view.explanation) {
+        (Some(held), Some(ours), Some(theirs)) => {
+            let mine = controller_explanation.as_ref().map(differing_fields);
+            let differences = mine
+                .map(|m| {
+                    let theirs = differing_fields(theirs);
+                    m.keys()
+                        .chain(theirs.keys())
+                        .filter(|k| m.get(*k) != theirs.get(*k))
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect()
+                })
+                .unwrap_or_default();
+            (Some(held == ours), differences)
+        }
+        _ => (None, Vec::new()),
+    };
+    SidecarReport {
+        from: from.to_string(),
+        to,
+        sidecar: view,
+        controller: controller_explanation,
+        in_sync,
+        differences,
+    }
+}
+
+/// An explanation's fields other than the request's own (`from`, `to`), as JSON.
+fn differing_fields(e: &Explanation) -> BTreeMap<String, serde_json::Value> {
+    match serde_json::to_value(e) {
+        Ok(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .filter(|(k, _)| k != "from" && k != "to")
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
 /// Routes `what_if` from a client in `from` exactly as the proxy would.
 pub fn explain(index: &Index, from: &str, what_if: &WhatIf) -> Explanation {
+    explain_policy(index.outbound(from, &what_if.target), from, what_if)
+}
+
+/// Routes `what_if` from a client in `from` with `policy` for its destination, exactly as the
+/// proxy would.
+pub fn explain_policy(policy: OutboundPolicy, from: &str, what_if: &WhatIf) -> Explanation {
     let mut request = what_if.request.clone();
-    let policy = index.outbound(from, &what_if.target);
     let mut out = Explanation {
         from: from.to_string(),
         to: what_if.target.to_string(),

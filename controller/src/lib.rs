@@ -13,6 +13,8 @@ pub mod kubernetes;
 pub mod manifests;
 pub mod objects;
 pub mod serve;
+pub mod sidecar;
+pub mod source;
 pub mod status;
 pub mod subscriptions;
 

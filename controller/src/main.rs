@@ -17,10 +17,12 @@ struct Cli {
 enum Command {
     /// Serve discovery to proxies.
     Serve(serve::Args),
-    /// Print the status every route in a manifest directory would get; exit 0 when every route
-    /// is Accepted with resolved references, 1 otherwise, 2 when the input cannot be read.
+    /// Print the status every route in a manifest directory (or the cluster, with --kubernetes)
+    /// would get; exit 0 when every route is Accepted with resolved references, 1 otherwise, 2
+    /// when the input cannot be read.
     Check(check::Args),
-    /// Show, as JSON, how a request from a namespace to a host would be routed.
+    /// Show, as JSON, how a request from a namespace to a host would be routed: by the policy
+    /// the controller would send, and (--pod, --admin) by the one a sidecar holds.
     Explain(explain::Args),
 }
 

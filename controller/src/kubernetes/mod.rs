@@ -6,6 +6,7 @@
 //! * [`status_writer`]: writes route status ([`route_status`] merges it into other
 //!   controllers' entries), on one replica at a time.
 //! * [`leader`]: which replica that is, over a Lease ([`lease`] decides, purely).
+//! * [`snapshot`]: one list of every kind, for `check --kubernetes` and `explain --kubernetes`.
 //!
 //! Everything the model computes is the same code as local mode's; only where objects come
 //! from and where status goes differ.
@@ -13,6 +14,7 @@
 pub mod leader;
 pub mod lease;
 pub mod route_status;
+pub mod snapshot;
 pub mod status_writer;
 pub mod strip;
 pub mod watch;
@@ -252,9 +254,11 @@ mod settings_tests {
 }
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod leader_tests;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod status_writer_tests;
 #[cfg(test)]
