@@ -161,7 +161,7 @@ pub fn parse_access_log(value: &str) -> Result<AccessLog, String> {
     match value.trim() {
         "off" => Ok(AccessLog::Off),
         "json" => Ok(AccessLog::Json),
-        other => Err(format!("{other:?} is not off or json")),
+        other => Err(format!("{other:?} is not a valid value (use off or json)")),
     }
 }
 
