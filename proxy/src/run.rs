@@ -171,11 +171,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mirror_permits = Arc::new(tokio::sync::Semaphore::new(
         config.args.mirror_max_in_flight,
     ));
+    let (observe, observers) = observe(&config, &mut registry)?;
     let proxy = Arc::new(Proxy {
         config,
         discovery: discovery.clone(),
         upstream,
-    let (observe, observers) = observe(&config, &mut registry)?;
         hop,
         endpoints,
         metrics,
@@ -183,11 +183,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         mirror_permits,
         empty_label: Arc::from(""),
+        observe,
     });
 
     let draining = Arc::new(crate::proxy::Draining::default());
     let admin_state = AdminState {
-        observe,
         registry: Arc::new(registry),
         ready: ready.clone(),
         discovery,
@@ -261,18 +261,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if tokio::time::timeout(grace, drained.recv()).await.is_err() {
         tracing::warn!("in-flight requests did not finish within the grace period");
     }
-    while admin.join_next().await.is_some() {}
-    Ok(())
-}
-
     // The access log's and the exporter's last lines and spans, within a bound.
     for task in observers {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
     }
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
+    while admin.join_next().await.is_some() {}
+    Ok(())
+}
+
 /// The access log writer and the span exporter, each when configured, and their tasks.
 fn observe(
     config: &Config,
@@ -315,6 +311,10 @@ fn observe(
     Ok((observe, tasks))
 }
 
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {
