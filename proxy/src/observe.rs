@@ -82,8 +82,10 @@ impl Observe {
 
     /// Starts observing a request, `None` when neither is on or it is neither logged nor
     /// sampled. With tracing, the request's `traceparent` is rewritten here (see
-    /// [`crate::trace`]), before routing copies its headers for the upstream request.
-    pub fn begin<B>(&self, req: &mut Request<B>) -> Option<Begun> {
+    /// [`crate::trace`]), before routing copies its headers for the upstream request. Boxed:
+    /// the request's future holds it across every await, and stays small when observing is
+    /// off.
+    pub fn begin<B>(&self, req: &mut Request<B>) -> Option<Box<Begun>> {
         if !self.is_on() {
             return None;
         }
@@ -104,25 +106,26 @@ impl Observe {
                     .and_then(|h| h.to_str().ok())
             })
             .map(Box::from);
-        Some(Begun {
+        Some(Box::new(Begun {
             time: SystemTime::now(),
             started: Instant::now(),
             method: req.method().clone(),
             authority,
             path: req.uri().path().into(),
             span,
-        })
+        }))
     }
 
     /// Logs and queues the span of a request whose response head is `status` and `headers`.
     pub fn end(
         &self,
-        begun: Begun,
+        begun: Box<Begun>,
         direction: &'static str,
         done: Done,
         status: u16,
         headers: &HeaderMap,
     ) {
+        let begun = *begun;
         let error = headers
             .get(crate::http::PROXY_ERROR)
             .and_then(|v| v.to_str().ok())
