@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod discovery;
+pub mod doctor;
 pub mod explain;
 pub mod identity;
 pub mod index;

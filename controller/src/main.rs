@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use trellis_controller::{check, explain, serve};
+use trellis_controller::{check, doctor, explain, serve};
 
 /// The Trellis control plane: compiles Gateway API mesh routes (GAMMA) into per-destination
 /// policies and streams them to proxies.
@@ -24,6 +24,9 @@ enum Command {
     /// Show, as JSON, how a request from a namespace to a host would be routed: by the policy
     /// the controller would send, and (--pod, --admin) by the one a sidecar holds.
     Explain(explain::Args),
+    /// Check the health of Trellis in a cluster (read-only); exit 0 when nothing fails
+    /// (warnings allowed), 1 when a check fails, 2 when the API server cannot be read.
+    Doctor(doctor::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
             warnings_to_stderr();
             explain::main(args)
         }
+        Command::Doctor(args) => doctor::main(args),
     }
 }
 
