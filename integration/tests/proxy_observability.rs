@@ -176,7 +176,7 @@ fn ca(block: u8) -> Ca {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampled_trace_crosses_both_sidecars_and_the_log_says_where_it_went() {
-    let block = 150;
+    let block = 191;
     let ca = ca(block);
     let (receiver, otlp) = Receiver::start(SocketAddr::new(ip(block, 200), 0)).await;
     let logs = trellis_integration::scratch_dir();
@@ -358,7 +358,7 @@ async fn a_sampled_trace_crosses_both_sidecars_and_the_log_says_where_it_went() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_starts_traces_and_errors_are_marked() {
-    let block = 151;
+    let block = 192;
     let ca = ca(block);
     let (receiver, otlp) = Receiver::start(SocketAddr::new(ip(block, 200), 0)).await;
     let logs = trellis_integration::scratch_dir();
@@ -415,7 +415,7 @@ async fn sampling_starts_traces_and_errors_are_marked() {
 /// speed, and the spans are dropped and counted once the export times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_collector_costs_requests_nothing() {
-    let block = 152;
+    let block = 193;
     let ca = ca(block);
     let stalled = TcpListener::bind(SocketAddr::new(ip(block, 200), 0))
         .await
