@@ -16,6 +16,7 @@ pub mod objects;
 pub mod serve;
 pub mod sidecar;
 pub mod source;
+pub mod stat;
 pub mod status;
 pub mod subscriptions;
 

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use trellis_controller::{check, doctor, explain, serve};
+use trellis_controller::{check, doctor, explain, serve, stat};
 
 /// The Trellis control plane: compiles Gateway API mesh routes (GAMMA) into per-destination
 /// policies and streams them to proxies.
@@ -27,6 +27,9 @@ enum Command {
     /// Check the health of Trellis in a cluster (read-only); exit 0 when nothing fails
     /// (warnings allowed), 1 when a check fails, 2 when the API server cannot be read.
     Doctor(doctor::Args),
+    /// Show what routes are doing: success rate, requests per second and latency percentiles
+    /// per parent Service, route, rule and backend, from the sidecars' metrics.
+    Stat(stat::Args),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
             explain::main(args)
         }
         Command::Doctor(args) => doctor::main(args),
+        Command::Stat(args) => stat::main(args),
     }
 }
 
