@@ -60,7 +60,8 @@ pub struct InjectionArgs {
     pub trust_domain: String,
 
     /// PEM file of the mesh's root certificates; its content becomes the proxies'
-    /// `TRELLIS_TRUST_ANCHORS`. Read once at start.
+    /// `TRELLIS_TRUST_ANCHORS`. Read again every 10 s (by `serve`), so that pods created after
+    /// a root rotation start with the new bundle.
     #[arg(long, env = "TRELLIS_TRUST_ANCHORS_FILE", value_name = "FILE")]
     pub trust_anchors_file: PathBuf,
 
@@ -343,6 +344,8 @@ pub struct ServeConfig {
     pub admin_addr: SocketAddr,
     pub tls: TlsSource,
     pub limits: ReviewLimits,
+    /// Followed for changes of the trust anchors; `None`: the settings' anchors stay.
+    pub trust_anchors_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -402,6 +405,7 @@ impl ServeArgs {
             admin_addr: self.admin_addr,
             tls,
             limits,
+            trust_anchors_file: Some(self.injection.trust_anchors_file.clone()),
         })
     }
 }

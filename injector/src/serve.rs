@@ -25,6 +25,9 @@ use crate::webhook::{self, Webhook};
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 /// How often user-provided certificate files are checked for changes.
 pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the trust anchors file is read again: the controller reads the same Secret at the
+/// same pace, so new pods and running ones learn a new root within about the same time.
+pub const TRUST_ANCHORS_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 pub fn main(args: ServeArgs) -> ExitCode {
     let filter = match EnvFilter::try_new(&args.log_level) {
@@ -135,6 +138,14 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>) -> any
         config.settings.proxy_image
     );
     let webhook = Arc::new(Webhook::new(config.settings, metrics, config.limits));
+    if let Some(path) = config.trust_anchors_file {
+        tokio::spawn(follow_trust_anchors(
+            path,
+            webhook.clone(),
+            TRUST_ANCHORS_POLL_INTERVAL,
+            stop_rx.clone(),
+        ));
+    }
     admin.set_ready(true);
     let admin_for_shutdown = admin.clone();
     webhook::serve(listener, tls, webhook, async move {
@@ -354,5 +365,101 @@ pub async fn shutdown_signal() {
             tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the injector");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// Reads the trust anchors file every `interval` until `stop`, so that pods created after a root
+/// rotation get the new bundle in `TRELLIS_TRUST_ANCHORS` (running proxies get it from the
+/// controller). A file that cannot be read or holds no certificate is logged once per problem,
+/// and pods keep getting the last good bundle.
+pub async fn follow_trust_anchors(
+    path: PathBuf,
+    webhook: Arc<Webhook>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut reported: Option<String> = None;
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || crate::config::read_trust_anchors(&path)
+        })
+        .await;
+        match read {
+            Ok(Ok(pem)) => {
+                reported = None;
+                if webhook.set_trust_anchors(&pem) {
+                    tracing::info!(file = %path.display(), "trust anchors changed: new pods get the new bundle");
+                }
+            }
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                if reported.as_ref() != Some(&message) {
+                    tracing::warn!("{message}; new pods keep getting the last good trust anchors");
+                    reported = Some(message);
+                }
+            }
+            Err(e) => tracing::warn!("reading the trust anchors failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReviewLimits;
+
+    fn pem(body: &str) -> String {
+        format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+    }
+
+    fn replace(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn new_pods_get_the_trust_anchors_in_the_file_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.crt");
+        let (old, new) = (pem("T0xE"), format!("{}{}", pem("T0xE"), pem("TkVX")));
+        replace(&path, &old);
+        let mut settings = crate::config::tests::settings();
+        settings.trust_anchors_pem = old.clone();
+        let webhook = Arc::new(Webhook::new(
+            settings,
+            Metrics::new(),
+            ReviewLimits::default(),
+        ));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(follow_trust_anchors(
+            path.clone(),
+            webhook.clone(),
+            Duration::from_millis(10),
+            stop,
+        ));
+        let anchors = || webhook.settings().trust_anchors_pem.clone();
+
+        replace(&path, &new);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while anchors() != new {
+            assert!(std::time::Instant::now() < deadline, "{}", anchors());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A file without certificates, then none at all: the last good bundle stays.
+        replace(&path, "not a certificate\n");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(anchors(), new);
+        stop_tx.send_replace(true);
+        task.await.unwrap();
     }
 }

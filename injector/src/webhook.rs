@@ -23,7 +23,7 @@
 //! On shutdown the server stops accepting and lets open requests finish.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf as _, Bytes};
@@ -45,7 +45,8 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every request needs.
 #[derive(Debug)]
 pub struct Webhook {
-    pub settings: Settings,
+    /// Replaced whole when the trust anchors file changes; a review takes it once.
+    settings: RwLock<Arc<Settings>>,
     pub metrics: Metrics,
     limits: ReviewLimits,
     /// Buffer budgets in bytes: one for bodies declared no larger than [`SMALL_BODY_BYTES`]
@@ -66,13 +67,36 @@ impl Webhook {
         // Room for at least one body of the largest size, or it could never be read.
         let budget = limits.max_buffered_bytes.max(MAX_BODY_BYTES);
         Webhook {
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             metrics,
             small: Semaphore::new(budget),
             large: Semaphore::new(budget),
             parses: Semaphore::new(limits.max_concurrent.max(1)),
             limits,
         }
+    }
+}
+
+impl Webhook {
+    /// The settings new pods get.
+    pub fn settings(&self) -> Arc<Settings> {
+        // A poisoned lock still holds a whole Arc.
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Gives pods created from now on the trust anchors `pem`; returns whether they changed.
+    pub fn set_trust_anchors(&self, pem: &str) -> bool {
+        let mut settings = self.settings.write().unwrap_or_else(|p| p.into_inner());
+        if settings.trust_anchors_pem == pem {
+            return false;
+        }
+        let mut next = (**settings).clone();
+        next.trust_anchors_pem = pem.to_string();
+        *settings = Arc::new(next);
+        true
     }
 }
 
@@ -222,7 +246,7 @@ where
         match tokio::time::timeout(BODY_TIMEOUT, body).await {
             Ok(Ok((body, _room))) => {
                 match tokio::time::timeout(limits.queue_timeout, webhook.parses.acquire()).await {
-                    Ok(Ok(_turn)) => admission::review(&body, &webhook.settings),
+                    Ok(Ok(_turn)) => admission::review(&body, &webhook.settings()),
                     Ok(Err(_)) | Err(_) => busy(format!(
                         "{} reviews are being answered and this one waited {:?} for its turn",
                         limits.max_concurrent, limits.queue_timeout

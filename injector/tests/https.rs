@@ -321,6 +321,7 @@ async fn serve_with_certificate_files() {
             key: key_file,
         },
         limits: ReviewLimits::default(),
+        trust_anchors_file: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(serve::run(config, async {
@@ -378,6 +379,7 @@ async fn serve_refuses_unusable_certificate_files() {
             key: key_file,
         },
         limits: ReviewLimits::default(),
+        trust_anchors_file: None,
     };
     let error = serve::run(config, std::future::pending())
         .await
