@@ -4,8 +4,8 @@
 //! server sidecars' spans, linked parent to child, with their route, backend, status and peer
 //! identity; an unsampled one passes untouched and exports nothing; `--trace-sampling 1` starts
 //! traces; the access log's lines are JSON naming route, backend, status and peer identity;
-//! an export endpoint that never answers costs requests nothing and its spans are counted as
-//! dropped.
+//! an access log nobody reads drops and counts lines instead of stalling requests; an export
+//! endpoint that never answers costs requests nothing and its spans are counted as dropped.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -456,4 +456,75 @@ async fn a_stalled_collector_costs_requests_nothing() {
         assert!(Instant::now() < deadline, "{dropped:?}\n{metrics}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// An access log whose reader has stopped reading (a FIFO held open, never read): once the
+/// pipe and the queue are full, lines are dropped and counted, and requests go on at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_access_log_drops_and_counts_lines() {
+    let block = 194;
+    let dir = trellis_integration::scratch_dir();
+    let fifo = dir.path().join("access.fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Opening a FIFO for reading waits for its writer: the sidecar, once it starts.
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::File::open(fifo).unwrap())
+    };
+    let path = fifo.display().to_string();
+    let mesh = Mesh::start_with(block, ROUTE, &[], |pod, _| match pod {
+        "client-0" => vec![
+            "--access-log".into(),
+            "json".into(),
+            "--access-log-path".into(),
+            path.clone(),
+        ],
+        _ => Vec::new(),
+    })
+    .await;
+    let held = reader.join().unwrap();
+    // More lines than the pipe (64 KiB), one write batch and the queue (1024) hold. `empty`
+    // has no endpoints: the client's sidecar answers each request itself, quickly.
+    let requests = 2500;
+    let client = http1_client();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..4 {
+        let (client, outbound) = (client.clone(), mesh.client.outbound());
+        tasks.push(tokio::spawn(async move {
+            for _ in (worker..requests).step_by(4) {
+                let req = Request::get(format!("http://{outbound}/"))
+                    .header("host", "empty")
+                    .body(empty())
+                    .unwrap();
+                let res = client.request(req).await.unwrap();
+                assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+                res.into_body().collect().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    let metrics = mesh.client.metrics().await;
+    let dropped = metric(&metrics, "trellis_access_log_dropped_total", &[]);
+    let written = metric(&metrics, "trellis_access_log_lines_total", &[]);
+    assert!(dropped >= 1.0, "dropped {dropped}, written {written}");
+    // What is neither written nor dropped waits in the queue or the stalled write.
+    assert!(
+        dropped + written <= f64::from(requests)
+            && dropped + written >= f64::from(requests) - 1024.0 - 256.0,
+        "dropped {dropped}, written {written}"
+    );
+    // The sidecar still answers at once.
+    let (status, _, echoed) = send(&client, mesh.request("echo", "/").body(empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echoed.unwrap().pod, "echo-v1-0");
+    drop(held);
 }

@@ -231,7 +231,7 @@ async fn handle(
         let status = res.status().as_u16();
         proxy
             .observe
-            .end(begun, DIRECTION, done, status, res.headers());
+            .end(*begun, DIRECTION, done, status, res.headers());
     }
     let labels = RequestLabels {
         direction: DIRECTION,

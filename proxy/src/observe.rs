@@ -119,13 +119,12 @@ impl Observe {
     /// Logs and queues the span of a request whose response head is `status` and `headers`.
     pub fn end(
         &self,
-        begun: Box<Begun>,
+        begun: Begun,
         direction: &'static str,
         done: Done,
         status: u16,
         headers: &HeaderMap,
     ) {
-        let begun = *begun;
         let error = headers
             .get(crate::http::PROXY_ERROR)
             .and_then(|v| v.to_str().ok())

@@ -216,7 +216,7 @@ async fn handle(proxy: &Arc<Proxy>, conn: &Conn, mut req: Request<Incoming>) -> 
         let status = res.status().as_u16();
         proxy
             .observe
-            .end(begun, DIRECTION, outcome.done(), status, res.headers());
+            .end(*begun, DIRECTION, outcome.done(), status, res.headers());
     }
     let labels = RequestLabels {
         direction: DIRECTION,
