@@ -69,6 +69,42 @@ fn assert_story(stdout: &str) {
         stdout.contains("trellis_mirrors_total{result=\"sent\"} 200"),
         "{stdout}"
     );
+    assert_stat_table(stdout);
+}
+
+/// The `trellis-controller stat` table after the traffic: the example route's rules with the
+/// requests the demo sent.
+fn assert_stat_table(stdout: &str) {
+    let (_, after) = stdout
+        .split_once("== what the routes did: trellis-controller stat --admin ")
+        .unwrap_or_else(|| panic!("no stat table:\n{stdout}"));
+    let table: Vec<Vec<&str>> = after
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        table.first().map(|h| &h[..5]),
+        Some(&["PARENT", "ROUTE", "RULE", "BACKEND", "REQUESTS"][..]),
+        "{stdout}"
+    );
+    let requests = |rule: &str, backend: &str| -> u64 {
+        table
+            .iter()
+            .find(|r| r[..4] == ["shop/catalog:80", "shop/catalog-canary", rule, backend])
+            .unwrap_or_else(|| panic!("no row for rule {rule} to {backend}:\n{stdout}"))[4]
+            .parse()
+            .unwrap()
+    };
+    // The 80/20 split of rule 1 (plus the WebSocket, also rule 1), the pinned request of rule
+    // 0 and the redirect of rule 2, answered by the sidecar itself (no backend).
+    let split = requests("1", "shop/catalog-v1:80") + requests("1", "shop/catalog-v2:80");
+    assert!((200..=201).contains(&split), "{stdout}");
+    assert!(requests("1", "shop/catalog-v1:80") >= 150, "{stdout}");
+    assert_eq!(requests("0", "shop/catalog-v2:80"), 1, "{stdout}");
+    assert_eq!(requests("2", "-"), 1, "{stdout}");
+    assert!(table.iter().skip(1).all(|r| r[5] == "100.00%"), "{stdout}");
 }
 
 #[test]

@@ -225,6 +225,21 @@ fn in_namespaces(args: &Args) {
         metrics: client.metrics(),
     };
     report(&outcome);
+    // From the client pod, as the proxy's user: iptables leave its connections alone, so the
+    // scrapes go straight to each pod's admin port.
+    let admins: Vec<String> = mesh
+        .pods()
+        .iter()
+        .filter(|p| p.spec.meshed)
+        .map(|p| format!("{}:4191", p.ip))
+        .collect();
+    print_stat(
+        client
+            .netns
+            .command(netns::PROXY_UID, &binary("trellis-controller")),
+        &admins,
+        &format!(" (from {CLIENT_POD}'s namespace)"),
+    );
 
     if args.keep {
         let curl = if on_path("curl") {
@@ -353,13 +368,26 @@ async fn on_loopback(args: &Args) {
         metrics: client.metrics().await,
     };
     report(&outcome);
+    let admins: Vec<String> = std::iter::once(&client)
+        .chain(&sidecars)
+        .map(|s| s.admin().to_string())
+        .collect();
+    tokio::task::block_in_place(|| {
+        print_stat(
+            std::process::Command::new(binary("trellis-controller")),
+            &admins,
+            "",
+        )
+    });
 
     if args.keep {
         heading("the mesh keeps running; Ctrl-C stops it");
         println!(
-            "  curl -H 'host: catalog' http://{}/items\n  curl http://{}/metrics\n  curl http://{}/config\n  edit {} and watch the routes change",
+            "  curl -H 'host: catalog' http://{}/items\n  curl http://{}/metrics\n  curl http://{}/config\n  {} stat --admin {}\n  edit {} and watch the routes change",
             client.outbound(),
             client.admin(),
+            client.admin(),
+            binary("trellis-controller").display(),
             client.admin(),
             manifests.path().join("routes.yaml").display()
         );
@@ -408,6 +436,28 @@ fn report(o: &Outcome) {
             || l.starts_with("trellis_identity_renewals_total")
     }) {
         println!("  {line}");
+    }
+}
+
+/// Runs `trellis-controller stat` on every sidecar's admin port and prints its table: what each
+/// route, rule and backend did, as the client's sidecar counted it since it started.
+fn print_stat(mut cmd: std::process::Command, admins: &[String], from: &str) {
+    let mut args = vec!["stat".to_string()];
+    for a in admins {
+        args.extend(["--admin".to_string(), a.clone()]);
+    }
+    args.extend(["--window".to_string(), "0".to_string()]);
+    heading(&format!(
+        "what the routes did: trellis-controller {}{from}",
+        args.join(" ")
+    ));
+    let out = cmd.args(&args).output().unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {line}");
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !stderr.trim().is_empty() {
+        println!("  ({}) {}", out.status, stderr.trim());
     }
 }
 
