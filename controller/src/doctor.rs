@@ -33,20 +33,31 @@ pub struct Args {
 
     /// The Secret of the trust anchors (ca.crt) and the issuer (tls.crt), in the control-plane
     /// namespace: the chart's identity.externalIssuer.secretName when that is used.
-    #[arg(long, env = "TRELLIS_ISSUER_SECRET", default_value = checks::DEFAULT_ISSUER_SECRET)]
+    #[arg(
+        long,
+        env = "TRELLIS_ISSUER_SECRET",
+        value_name = "NAME",
+        default_value = checks::DEFAULT_ISSUER_SECRET
+    )]
     pub issuer_secret: String,
 
     /// The kubeconfig context to use [default: the current context, or the pod's service
     /// account in a pod].
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub context: Option<String>,
 
     /// How long to wait for each answer of the API server (`500ms`, `10s`, `1m`).
-    #[arg(long, env = "TRELLIS_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    #[arg(
+        long,
+        env = "TRELLIS_REQUEST_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_timeout
+    )]
     pub request_timeout: Duration,
 
     /// Output format.
-    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    #[arg(short, long, value_name = "FORMAT", value_enum, default_value_t = Format::Table)]
     pub output: Format,
 }
 
@@ -74,7 +85,7 @@ async fn run(args: Args) -> u8 {
     let client = match client(args.context.as_deref()).await {
         Ok(client) => client,
         Err(e) => {
-            eprintln!("error: {e}");
+            report(&unreadable(&e, args.output), UNREADABLE, args.output);
             return UNREADABLE;
         }
     };
@@ -84,8 +95,25 @@ async fn run(args: Args) -> u8 {
         timeout: args.request_timeout,
     };
     let (text, code) = diagnose(&client, &settings, Timestamp::now(), args.output).await;
-    print!("{text}");
+    report(&text, code, args.output);
     code
+}
+
+/// The report on stdout; in a table, "cannot read the cluster" is an error, on stderr.
+fn report(text: &str, code: u8, format: Format) {
+    if code == UNREADABLE && format == Format::Table {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+}
+
+/// The answer when the cluster cannot be read at all.
+fn unreadable(error: &str, format: Format) -> String {
+    match format {
+        Format::Json => json_error(error),
+        Format::Table => format!("error: {error}\n"),
+    }
 }
 
 /// Reads the cluster, judges it at `now` and renders the report: the text to print and the
@@ -98,13 +126,7 @@ pub async fn diagnose(
 ) -> (String, u8) {
     let cluster = match fetch::fetch(client, settings).await {
         Ok(cluster) => cluster,
-        Err(e) => {
-            let text = match format {
-                Format::Json => json_error(&e.to_string()),
-                Format::Table => format!("error: {e}\n"),
-            };
-            return (text, UNREADABLE);
-        }
+        Err(e) => return (unreadable(&e.to_string(), format), UNREADABLE),
     };
     let checks = checks::judge(&cluster, now);
     let code = checks::exit_code(&checks);

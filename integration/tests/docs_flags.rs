@@ -303,6 +303,11 @@ fn controller_flags_match_the_reference() {
                 page: "controller.md",
                 sections: &["explain"],
             },
+            Documented {
+                command: &["doctor"],
+                page: "doctor.md",
+                sections: &["Flags"],
+            },
         ],
     );
 }

@@ -556,6 +556,15 @@ fn why_not_ready(pod: &Pod) -> String {
         .unwrap_or_else(|| "not ready".to_string())
 }
 
+/// `1 pod`, `3 pods`.
+pub(super) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// `a, b, c and 4 more`.
 pub(super) fn listing(items: &[String]) -> String {
     let shown = items

@@ -52,7 +52,7 @@ fn a_healthy_cluster_passes_every_check() {
     );
     assert_eq!(
         find(&checks, "injected-pods").message,
-        "every pod of 1 labelled namespace has the proxy (1 pods)",
+        "1 pod in 1 labelled namespace, all with the proxy",
         "the finished job is not counted"
     );
 }

@@ -173,10 +173,12 @@ async fn control_plane(client: &kube::Client, s: &Settings, c: Component) -> Con
 /// itself calls the injector's admin port, over the path its webhook calls take.
 async fn injector_ready(client: &kube::Client, s: &Settings) -> Fetched<String> {
     let ns = &s.namespace;
+    // The name RBAC sees is the service with its port, as in the path.
+    let service = format!("{INJECTOR_SERVICE}:admin");
     let access = Access::new("get", "services/proxy")
-        .named(INJECTOR_SERVICE)
+        .named(&service)
         .within(ns);
-    let path = format!("/api/v1/namespaces/{ns}/services/{INJECTOR_SERVICE}:admin/proxy/ready");
+    let path = format!("/api/v1/namespaces/{ns}/services/{service}/proxy/ready");
     let request = match http::Request::get(path).body(Vec::new()) {
         Ok(r) => r,
         Err(e) => return Fetched::Failed(e.to_string()),

@@ -360,7 +360,7 @@ async fn forbidden_and_unserved_resources_leave_their_checks_unknown() {
     );
     assert_eq!(
         check(&doc, "injector-ready")["hint"],
-        "grant get services/proxy \"trellis-injector\" in namespace trellis-system (see \
+        "grant get services/proxy \"trellis-injector:admin\" in namespace trellis-system (see \
          docs/reference/doctor.md, RBAC)"
     );
     assert_eq!(

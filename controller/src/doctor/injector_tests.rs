@@ -118,7 +118,7 @@ fn injector_reachability() {
         (
             Fetched::Denied(
                 Access::new("get", "services/proxy")
-                    .named("trellis-injector")
+                    .named("trellis-injector:admin")
                     .within(NS),
             ),
             Status::Unknown,
@@ -141,7 +141,7 @@ fn injector_reachability() {
         if status == Status::Unknown {
             assert_eq!(
                 c.hint,
-                "grant get services/proxy \"trellis-injector\" in namespace trellis-system (see \
+                "grant get services/proxy \"trellis-injector:admin\" in namespace trellis-system (see \
                  docs/reference/doctor.md, RBAC)"
             );
         }

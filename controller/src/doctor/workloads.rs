@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 
 use super::checks::{
     Check, Fetched, INJECT_ANNOTATION, InjectorSettings, PROXY_CONTAINER, PROXY_VERSION_ANNOTATION,
-    PSS_AUDIT, PSS_ENFORCE, PSS_WARN, Status, listing, pod_name,
+    PSS_AUDIT, PSS_ENFORCE, PSS_WARN, Status, count, listing, pod_name,
 };
 
 /// The pods of each labelled namespace, as fetched.
@@ -88,10 +88,9 @@ pub(super) fn pod_security(labelled: &Fetched<Vec<Namespace>>, control_plane: &s
     Check::ok(
         NAME,
         format!(
-            "{} labelled namespace{} allow the init container's NET_ADMIN and NET_RAW (unless \
-             the cluster-wide default enforces a level)",
-            labelled.len(),
-            if labelled.len() == 1 { "" } else { "s" }
+            "{}: none enforces baseline or restricted, which forbid the init container's \
+             NET_ADMIN and NET_RAW (the cluster-wide default is not visible here)",
+            count(labelled.len(), "labelled namespace")
         ),
     )
 }
@@ -167,9 +166,8 @@ fn unread_note(unread: &[&Fetched<Vec<Pod>>]) -> Option<(String, String)> {
     };
     Some((
         format!(
-            "the pods of {} labelled namespace{} could not be read ({why})",
-            unread.len(),
-            if unread.len() == 1 { "" } else { "s" }
+            "the pods of {} could not be read ({why})",
+            count(unread.len(), "labelled namespace")
         ),
         hint,
     ))
@@ -220,10 +218,12 @@ pub(super) fn injected_pods(
     Check::ok(
         NAME,
         format!(
-            "every pod of {} labelled namespace{} has the proxy ({} pods)",
-            served_namespaces(labelled, control_plane).len(),
-            if labelled.len() == 1 { "" } else { "s" },
-            candidates.len()
+            "{} in {}, all with the proxy",
+            count(candidates.len(), "pod"),
+            count(
+                served_namespaces(labelled, control_plane).len(),
+                "labelled namespace"
+            )
         ),
     )
 }
@@ -299,5 +299,8 @@ pub(super) fn proxy_versions(
     if let Some((note, hint)) = unread_note(&unread) {
         return Check::new(NAME, Status::Unknown, note).hint(hint);
     }
-    Check::ok(NAME, format!("{} meshed pods run {expected}", meshed.len()))
+    Check::ok(
+        NAME,
+        format!("{}, all on {expected}", count(meshed.len(), "meshed pod")),
+    )
 }

@@ -33,13 +33,13 @@ fn pod_security_levels_of_labelled_namespaces() {
         (
             vec![namespace("shop", &[(PSS_ENFORCE, "privileged")])],
             Status::Ok,
-            "1 labelled namespace allow",
+            "1 labelled namespace: none enforces",
         ),
         // The webhook never injects the control plane's own namespace.
         (
             vec![namespace(NS, &[(PSS_ENFORCE, "restricted")])],
             Status::Ok,
-            "0 labelled namespaces",
+            "0 labelled namespaces: none enforces",
         ),
     ];
     for (labelled, status, words) in cases {
