@@ -203,3 +203,71 @@ impl Attempts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::trace::TRACEPARENT;
+
+    const SAMPLED: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn request() -> Request<()> {
+        let mut req = Request::get("/cart?id=7").body(()).unwrap();
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("web.shop"));
+        req.headers_mut()
+            .insert(TRACEPARENT, HeaderValue::from_static(SAMPLED));
+        req
+    }
+
+    #[test]
+    fn off_does_nothing() {
+        let mut req = request();
+        assert!(Observe::default().begin(&mut req).is_none());
+        assert_eq!(req.headers()[TRACEPARENT], SAMPLED);
+        let attempts = Attempts::new(false);
+        let ep = Arc::new(EndpointState::new(
+            "10.0.0.1:80".parse().unwrap(),
+            None,
+            None,
+        ));
+        attempts.picked(&ep, 2);
+        assert_eq!(attempts.retries(), 0);
+        assert_eq!(attempts.endpoint(), (None, None));
+    }
+
+    #[tokio::test]
+    async fn the_access_log_alone_leaves_trace_headers_alone() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let (log, _task) = crate::access_log::start(tokio::io::sink(), 8, &mut registry);
+        let observe = Observe {
+            access_log: Some(log),
+            tracer: None,
+        };
+        let mut req = request();
+        let begun = observe.begin(&mut req).unwrap();
+        assert_eq!(req.headers()[TRACEPARENT], SAMPLED);
+        assert_eq!(begun.authority.as_deref(), Some("web.shop"));
+        assert_eq!(&*begun.path, "/cart");
+        assert!(begun.span.is_none());
+
+        let attempts = Attempts::new(true);
+        let id: trellis_api::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let ep = Arc::new(EndpointState::new(
+            "10.0.0.1:80".parse().unwrap(),
+            Some(id),
+            None,
+        ));
+        attempts.picked(&ep, 1);
+        assert_eq!(attempts.retries(), 1);
+        assert_eq!(
+            attempts.endpoint(),
+            (
+                Some("10.0.0.1:80".parse().unwrap()),
+                Some("spiffe://cluster.local/ns/shop/sa/web".into())
+            )
+        );
+    }
+}
