@@ -316,6 +316,43 @@ async fn explain_pod_reads_the_sidecar_through_the_port_forward() {
     .await;
     assert_eq!(sidecar["explanation"], direct["sidecar"]["explanation"]);
 
+    // --kubernetes reads the cluster through the same kubeconfig: refused here, which stops
+    // check and explain with the API server's words and exit code 2.
+    let check = tokio::task::spawn_blocking({
+        let kubeconfig = api.kubeconfig.clone();
+        move || {
+            Command::new(binary("trellis-controller"))
+                .args(["check", "--kubernetes"])
+                .env_remove("TRELLIS_MANIFESTS")
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env("KUBECONFIG", kubeconfig)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    assert!(check.stdout.is_empty());
+    assert!(
+        err.starts_with(
+            "error: cannot list Services: forbidden; the caller needs `list` on services"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("User \"tester\" cannot list"), "{err}");
+    let (code, out, err) = explain(
+        args(&["--pod", "mesh/client-0", "--kubernetes", "--to", "echo"]),
+        Some(&api.kubeconfig),
+    )
+    .await;
+    assert_eq!((code, out), (2, Value::Null), "{err}");
+    assert!(
+        err.starts_with("error: cannot list Services: forbidden"),
+        "{err}"
+    );
+
     // Pods that cannot answer: each error says why, exit code 2.
     let cases = [
         ("mesh/missing-0", "error: pod mesh/missing-0 does not exist"),
@@ -434,6 +471,16 @@ fn answer(
         .push(format!("{} {path}?{query}", req.method()));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (ns, name, sub) = match parts.as_slice() {
+        // The tester may read pods and forward ports, not list the cluster.
+        ["api", "v1", "services"] => {
+            return json_response(
+                StatusCode::FORBIDDEN,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                       "status": "Failure", "reason": "Forbidden", "code": 403,
+                       "message": "services is forbidden: User \"tester\" cannot list \
+                                   resource \"services\" in API group \"\" at the cluster scope"}),
+            );
+        }
         ["api", "v1", "namespaces", ns, "pods", name] => (*ns, *name, None),
         ["api", "v1", "namespaces", ns, "pods", name, sub] => (*ns, *name, Some(*sub)),
         _ => {
@@ -553,14 +600,15 @@ where
     let (mut from_pod, mut to_pod) = tcp.into_split();
     let upstream = async move {
         while let Some(Ok(message)) = stream.next().await {
-            match message {
+            let written = match message {
                 Message::Binary(data) if data.first() == Some(&0) => {
-                    if to_pod.write_all(&data[1..]).await.is_err() {
-                        break;
-                    }
+                    to_pod.write_all(&data[1..]).await
                 }
                 Message::Close(_) => break,
-                _ => {}
+                _ => Ok(()),
+            };
+            if written.is_err() {
+                break;
             }
         }
         let _ = to_pod.shutdown().await;
