@@ -304,6 +304,11 @@ fn controller_flags_match_the_reference() {
                 sections: &["explain"],
             },
             Documented {
+                command: &["stat"],
+                page: "controller.md",
+                sections: &["stat"],
+            },
+            Documented {
                 command: &["doctor"],
                 page: "doctor.md",
                 sections: &["Flags"],
