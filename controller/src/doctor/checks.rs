@@ -154,25 +154,25 @@ impl<T> Fetched<T> {
         }
     }
 
-    /// The `unknown` check for a request that gave no object (not for `Missing`, which each
-    /// check judges).
-    pub(super) fn unknown(&self, name: &'static str, what: &str) -> Option<Check> {
+    /// The `unknown` check of a request that gave no object: forbidden (naming the permission)
+    /// or failed. Each check judges `Found` and `Missing` itself and calls this for the rest.
+    pub(super) fn unknown(&self, name: &'static str, what: &str) -> Check {
         match self {
-            Fetched::Denied(access) => Some(
-                Check::new(
-                    name,
-                    Status::Unknown,
-                    format!("cannot read {what}: forbidden"),
-                )
-                .hint(format!(
-                    "grant {access} (see docs/reference/doctor.md, RBAC)"
-                )),
-            ),
-            Fetched::Failed(why) => Some(
+            Fetched::Denied(access) => Check::new(
+                name,
+                Status::Unknown,
+                format!("cannot read {what}: forbidden"),
+            )
+            .hint(format!(
+                "grant {access} (see docs/reference/doctor.md, RBAC)"
+            )),
+            Fetched::Failed(why) => {
                 Check::new(name, Status::Unknown, format!("cannot read {what}: {why}"))
-                    .hint("run doctor again; if it persists, check the API server"),
-            ),
-            _ => None,
+                    .hint("run doctor again; if it persists, check the API server")
+            }
+            Fetched::Found(_) | Fetched::Missing => {
+                Check::new(name, Status::Unknown, format!("cannot judge {what}"))
+            }
         }
     }
 }
@@ -378,9 +378,7 @@ fn kubernetes_version(version: &Fetched<Info>, injector: Option<&InjectorSetting
             return Check::new(NAME, Status::Unknown, "the API server gave no /version");
         }
         other => {
-            return other
-                .unknown(NAME, "the API server's version")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, "no version"));
+            return other.unknown(NAME, "the API server's version");
         }
     };
     // "29+" on some distributions.
@@ -459,9 +457,7 @@ fn httproute_crd(crd: &Fetched<CustomResourceDefinition>) -> Check {
             .hint(CRD_HINT);
         }
         other => {
-            return other
-                .unknown(NAME, "CRD httproutes.gateway.networking.k8s.io")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(NAME, "CRD httproutes.gateway.networking.k8s.io");
         }
     };
     let (served, _) = versions(crd);
@@ -493,9 +489,7 @@ fn grpcroute_crd(crd: &Fetched<CustomResourceDefinition>) -> Check {
             .hint(CRD_HINT);
         }
         other => {
-            return other
-                .unknown(NAME, "CRD grpcroutes.gateway.networking.k8s.io")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(NAME, "CRD grpcroutes.gateway.networking.k8s.io");
         }
     };
     let (served, _) = versions(crd);
@@ -597,9 +591,7 @@ fn control_plane(c: &ControlPlane, namespace: &str) -> Check {
             ));
         }
         other => {
-            return other
-                .unknown(name, &format!("Deployment {namespace}/{deployment_name}"))
-                .unwrap_or_else(|| Check::new(name, Status::Unknown, ""));
+            return other.unknown(name, &format!("Deployment {namespace}/{deployment_name}"));
         }
     };
     let wanted = deployment

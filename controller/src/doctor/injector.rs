@@ -42,12 +42,10 @@ pub(super) fn webhook(
             .hint("install or upgrade the chart (helm upgrade --install trellis charts/trellis)");
         }
         other => {
-            return other
-                .unknown(
-                    NAME,
-                    &format!("MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}"),
-                )
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(
+                NAME,
+                &format!("MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}"),
+            );
         }
     };
     let Some(hook) = trellis_webhook(config) else {
@@ -147,12 +145,10 @@ pub(super) fn injector_endpoints(
         Fetched::Found(s) => s,
         Fetched::Missing => &Vec::new(),
         other => {
-            return other
-                .unknown(
-                    NAME,
-                    &format!("the EndpointSlices of {namespace}/{INJECTOR_SERVICE}"),
-                )
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(
+                NAME,
+                &format!("the EndpointSlices of {namespace}/{INJECTOR_SERVICE}"),
+            );
         }
     };
     // An endpoint with no `ready` condition counts as ready, as kube-proxy counts it.
@@ -192,9 +188,9 @@ pub(super) fn injector_ready(answer: &Fetched<String>, namespace: &str) -> Check
             NAME,
             "the API server reached the injector's /ready through its service proxy",
         ),
-        Fetched::Denied(_) => answer
-            .unknown(NAME, "the injector's /ready through the service proxy")
-            .unwrap_or_else(|| Check::new(NAME, Status::Unknown, "")),
+        Fetched::Denied(_) => {
+            answer.unknown(NAME, "the injector's /ready through the service proxy")
+        }
         Fetched::Missing => Check::new(
             NAME,
             Status::Warn,

@@ -30,9 +30,7 @@ pub(super) fn pod_security(labelled: &Fetched<Vec<Namespace>>, control_plane: &s
         Fetched::Found(l) => served_namespaces(l, control_plane),
         Fetched::Missing => Vec::new(),
         other => {
-            return other
-                .unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled");
         }
     };
     let level = |ns: &Namespace, key: &str| -> Option<String> {
@@ -183,9 +181,7 @@ pub(super) fn injected_pods(
         Fetched::Found(l) => l.as_slice(),
         Fetched::Missing => &[],
         other => {
-            return other
-                .unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled");
         }
     };
     let (pods, unread) = labelled_pods(labelled, pods, control_plane);
@@ -239,9 +235,7 @@ pub(super) fn proxy_versions(
         Fetched::Found(l) => l.as_slice(),
         Fetched::Missing => &[],
         other => {
-            return other
-                .unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled")
-                .unwrap_or_else(|| Check::new(NAME, Status::Unknown, ""));
+            return other.unknown(NAME, "the namespaces labelled trellis.dev/inject=enabled");
         }
     };
     let expected = match injector {
