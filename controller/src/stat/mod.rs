@@ -15,6 +15,8 @@ pub mod text;
 #[cfg(test)]
 mod compute_tests;
 #[cfg(test)]
+mod prometheus_tests;
+#[cfg(test)]
 mod scrape_tests;
 
 use std::collections::BTreeMap;
