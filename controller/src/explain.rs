@@ -418,22 +418,14 @@ pub fn compare(
     let controller_explanation = controller
         .as_ref()
         .map(|p| explain_policy(p.clone(), from, what_if));
-    let (in_sync, differences) = match (&held_policy, &controller, &view.explanation) {
-        (Some(held), Some(ours), Some(theirs)) => {
-            let mine = controller_explanation.as_ref().map(differing_fields);
-            let differences = mine
-                .map(|m| {
-                    let theirs = differing_fields(theirs);
-                    m.keys()
-                        .chain(theirs.keys())
-                        .filter(|k| m.get(*k) != theirs.get(*k))
-                        .cloned()
-                        .collect::<std::collections::BTreeSet<_>>()
-                        .into_iter()
-                        .collect()
-                })
-                .unwrap_or_default();
-            (Some(held == ours), differences)
+    let (in_sync, differences) = match (
+        &held_policy,
+        &controller,
+        &view.explanation,
+        &controller_explanation,
+    ) {
+        (Some(held), Some(ours), Some(theirs), Some(mine)) => {
+            (Some(held == ours), differences(theirs, mine))
         }
         _ => (None, Vec::new()),
     };
@@ -447,15 +439,19 @@ pub fn compare(
     }
 }
 
-/// An explanation's fields other than the request's own (`from`, `to`), as JSON.
-fn differing_fields(e: &Explanation) -> BTreeMap<String, serde_json::Value> {
-    match serde_json::to_value(e) {
-        Ok(serde_json::Value::Object(map)) => map
-            .into_iter()
-            .filter(|(k, _)| k != "from" && k != "to")
-            .collect(),
-        _ => BTreeMap::new(),
-    }
+/// The top-level fields in which two explanations of the same request differ.
+fn differences(a: &Explanation, b: &Explanation) -> Vec<String> {
+    let fields = |e: &Explanation| match serde_json::to_value(e) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (a, b) = (fields(a), fields(b));
+    let names: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    names
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
 }
 
 /// Routes `what_if` from a client in `from` exactly as the proxy would.
@@ -720,5 +716,107 @@ fn view(request: &Request<()>) -> RequestView {
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".to_string()),
         headers: header_view(request.headers()),
+    }
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn index(weights: (u32, u32)) -> Index {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh");
+        let mut objects = manifests::load_dir(&dir).unwrap();
+        let rule = &mut objects.http_routes[0].spec.rules.as_mut().unwrap()[1];
+        let refs = rule.backend_refs.as_mut().unwrap();
+        refs[0].weight = Some(weights.0 as i32);
+        refs[1].weight = Some(weights.1 as i32);
+        Index::build(&objects, &Config::default())
+    }
+
+    fn policy(index: &Index) -> OutboundPolicy {
+        index.outbound("web", &what_if("/").target)
+    }
+
+    fn what_if(path: &str) -> WhatIf {
+        super::what_if("catalog.shop", "GET", path, &[]).unwrap()
+    }
+
+    /// A sidecar following the catalog by its cluster IP, as intercepted connections do.
+    fn held(policy: Option<&OutboundPolicy>) -> Held {
+        held_as("10.96.178.161:80", policy)
+    }
+
+    fn held_as(target: &str, policy: Option<&OutboundPolicy>) -> Held {
+        let doc = json!({"namespace": "web", "destinations": [
+            {"target": target, "policy": policy},
+        ]});
+        Held::parse("test", doc.to_string().as_bytes()).unwrap()
+    }
+
+    fn report(held: &Held, path: &str, controller: Option<OutboundPolicy>) -> SidecarReport {
+        compare(
+            "admin x",
+            held,
+            "web",
+            &what_if(path),
+            &Config::default(),
+            controller,
+        )
+    }
+
+    #[test]
+    fn a_sidecar_with_the_controllers_policy_is_in_sync() {
+        let now = index((80, 20));
+        let r = report(&held(Some(&policy(&now))), "/items", Some(policy(&now)));
+        assert!(r.sidecar.holds);
+        assert_eq!(r.sidecar.destination.as_deref(), Some("10.96.178.161:80"));
+        let sidecar = r.sidecar.explanation.as_ref().unwrap();
+        assert_eq!(
+            sidecar.rule,
+            Some(RuleId {
+                index: 1,
+                name: None
+            })
+        );
+        assert_eq!((r.in_sync, r.differences.len()), (Some(true), 0));
+        // Without the controller's view there is nothing to compare.
+        let alone = report(&held(Some(&policy(&now))), "/items", None);
+        assert!(alone.controller.is_none() && alone.in_sync.is_none());
+    }
+
+    #[test]
+    fn a_stale_sidecar_differs_where_the_request_goes_or_only_elsewhere() {
+        let before = held(Some(&policy(&index((80, 20)))));
+        let now = Some(policy(&index((50, 50))));
+        let r = report(&before, "/items", now.clone());
+        assert_eq!(r.in_sync, Some(false));
+        assert_eq!(r.differences, ["backends"]);
+        let shares = |e: &Explanation| e.backends.iter().map(|b| b.share).collect::<Vec<_>>();
+        assert_eq!(shares(r.sidecar.explanation.as_ref().unwrap()), [0.8, 0.2]);
+        assert_eq!(shares(r.controller.as_ref().unwrap()), [0.5, 0.5]);
+        // The redirect rule did not change: same answer, yet a stale policy.
+        let r = report(&before, "/v0/items", now);
+        assert_eq!(r.in_sync, Some(false));
+        assert!(r.differences.is_empty(), "{:?}", r.differences);
+    }
+
+    #[test]
+    fn a_destination_without_a_policy_is_said_so() {
+        let now = index((80, 20));
+        let r = report(&held_as("catalog.shop:80", None), "/", Some(policy(&now)));
+        assert!(!r.sidecar.holds && r.sidecar.explanation.is_none());
+        let message = r.sidecar.message.unwrap();
+        assert!(message.contains("has no policy for it yet"), "{message}");
+        assert!(r.in_sync.is_none() && r.controller.is_some());
+        // Under its cluster IP, an entry without a policy cannot be told to be the catalog.
+        let r = report(&held(None), "/", None);
+        assert!(!r.sidecar.holds);
+        assert_eq!(r.sidecar.follows, ["10.96.178.161:80"]);
+        let message = r.sidecar.message.unwrap();
+        assert!(
+            message.starts_with("the sidecar holds no policy for catalog.shop:80"),
+            "{message}"
+        );
     }
 }
