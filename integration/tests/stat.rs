@@ -180,34 +180,84 @@ async fn totals_since_start_show_each_rule_with_its_success_rate_and_latency() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// A relay in front of a sidecar's admin port: each request is answered with what the sidecar
+/// answers, and then announced on the returned channel, so a test knows when a scrape is done.
+async fn announcing_relay(
+    admin: SocketAddr,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                let tx = tx.clone();
+                async move {
+                    let _: &http::Request<hyper::body::Incoming> = &req;
+                    let upstream = http::Request::get(format!("http://{admin}{}", req.uri()))
+                        .body(empty())
+                        .unwrap();
+                    let res = http1_client().request(upstream).await.unwrap();
+                    let (parts, body) = res.into_parts();
+                    let bytes = body.collect().await.unwrap().to_bytes();
+                    let _ = tx.send(());
+                    Ok::<_, std::convert::Infallible>(http::Response::from_parts(
+                        parts,
+                        http_body_util::Full::new(bytes),
+                    ))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    (addr, rx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_counts_only_the_requests_made_during_it() {
     let mesh = Mesh::start(182, ROUTES).await;
     // Before the window: not counted.
     traffic(&mesh, "/fast", 25).await;
-    let mut args = admins(&mesh);
-    args.extend(["--window", "3s", "-o", "json"].map(String::from));
-    let started = Instant::now();
+    // Outbound requests are the client's sidecar's to count: it is the one scraped.
+    let (relay, mut scrapes) = announcing_relay(mesh.client.admin()).await;
     let child = Command::new(binary("trellis-controller"))
         .arg("stat")
-        .args(&args)
+        .args([
+            "--admin",
+            &relay.to_string(),
+            "--window",
+            "4s",
+            "-o",
+            "json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Well inside the window: after the first scrape, before the second.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Inside the window: after the first scrape, before the second.
+    tokio::time::timeout(Duration::from_secs(10), scrapes.recv())
+        .await
+        .expect("no first scrape");
     traffic(&mesh, "/fast", 30).await;
     traffic(&mesh, "/slow?status=500", 6).await;
-    assert!(started.elapsed() < Duration::from_millis(2500));
+    assert!(
+        scrapes.try_recv().is_err(),
+        "the traffic took longer than the window"
+    );
     let out = child.wait_with_output().unwrap();
     let report = json_of(&out);
-    assert_eq!(report["window_seconds"], 3.0);
+    assert_eq!(report["window_seconds"], 4.0);
     let fast = row(&report, "fast");
     assert_eq!(fast["requests"], 30.0, "{report:#}");
     assert_eq!(fast["success_rate"], 1.0);
+    // 30 over the time between the scrapes, 4 s and a little.
     let rps = fast["requests_per_second"].as_f64().unwrap();
-    assert!((9.0..=10.5).contains(&rps), "{rps}");
+    assert!((6.5..=7.5).contains(&rps), "{rps}");
     let slow = row(&report, "slow");
     assert_eq!(slow["requests"], 6.0);
     assert_eq!(slow["success_rate"], 0.0);
