@@ -1,7 +1,8 @@
 //! Trust anchors that change while the mesh runs: the controller follows its anchors file and
 //! streams the bundle to the sidecars over the discovery connection, which verify new
 //! connections with it; no process restarts. Real binaries: identity in local mode, the
-//! controller certified by it, sidecars on loopback.
+//! controller certified by it, sidecars on loopback; and the sidecar's client alone against a
+//! fake controller that sends what the real one never would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -11,8 +12,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use prometheus_client::registry::Registry;
+use tokio::sync::mpsc;
+use trellis_api::Identity;
 use trellis_integration::mesh::{Mesh, NS, ip};
 use trellis_integration::{CONTROLLER_ACCOUNT, Ca, Sidecar, binary, empty, http1_client};
+use trellis_tls::{ALPN_H2, MeshTls};
 
 const ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -328,4 +334,181 @@ async fn a_root_rotation_needs_no_restart_and_fails_no_request() {
         }
     }
     assert_eq!(ok.load(Ordering::Relaxed), 10);
+}
+
+/// A controller that answers `GET /v1/trust-anchors` over mutual TLS with the lines the test
+/// sends, and `404` to anything else.
+struct FakeController {
+    addr: std::net::SocketAddr,
+    lines: mpsc::Receiver<mpsc::Sender<Bytes>>,
+}
+
+/// A response body fed line by line.
+struct LineBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for LineBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
+impl FakeController {
+    async fn start(tls: &MeshTls) -> FakeController {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config(&[ALPN_H2]));
+        let (streams_tx, streams) = mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, streams_tx) = (acceptor.clone(), streams_tx.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let streams_tx = streams_tx.clone();
+                        async move {
+                            let (tx, rx) = mpsc::channel(8);
+                            let status = if req.uri().path() == "/v1/trust-anchors" {
+                                let _ = streams_tx.send(tx).await;
+                                200
+                            } else {
+                                404
+                            };
+                            let mut res = http::Response::new(LineBody(rx));
+                            *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(res)
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        FakeController {
+            addr,
+            lines: streams,
+        }
+    }
+}
+
+/// A certificate for `ns/sa` from a real identity, on a workload that trusts `anchors`.
+async fn certified(ca: &Ca, anchors: &str, ns: &str, sa: &str, tls: Option<MeshTls>) -> MeshTls {
+    let tls = tls.unwrap_or_else(|| MeshTls::new(anchors, "cluster.local").unwrap());
+    let cfg = trellis_tls::IdentityConfig {
+        addr: ca.addr.to_string(),
+        server_name: ca.addr.ip().to_string(),
+        token_path: ca.dir.path().join(format!("token-{ns}-{sa}")),
+        identity: Identity::new("cluster.local", ns, sa),
+    };
+    trellis_tls::identity::certify(&cfg, &tls).await.unwrap();
+    tls
+}
+
+/// The sidecar's side alone, against a controller that sends what the real one never would:
+/// lines that are not bundles and a bundle that would not verify the sidecar's own certificate
+/// are refused and counted, and change nothing; the latter is applied once the sidecar holds a
+/// certificate it verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_refuses_what_it_cannot_use_and_retries_after_renewal() {
+    let ca_a = Ca::new(ip(151, 100), "1h", &ACCOUNTS);
+    let ca_b = Ca::new(ip(151, 101), "1h", &ACCOUNTS);
+    let root_a = read(&ca_a.dir.path().join("ca.crt"));
+    let root_b = read(&ca_b.dir.path().join("ca.crt"));
+    let both = format!("{root_a}{root_b}");
+    let controller_id = Identity::new("cluster.local", CONTROLLER_ACCOUNT.0, CONTROLLER_ACCOUNT.1);
+    let controller = certified(
+        &ca_a,
+        &root_a,
+        CONTROLLER_ACCOUNT.0,
+        CONTROLLER_ACCOUNT.1,
+        None,
+    )
+    .await;
+    let mut fake = FakeController::start(&controller).await;
+
+    // The sidecar starts trusting both roots, certified under A.
+    let sidecar = certified(&ca_a, &both, NS, "client", None).await;
+    let mut registry = Registry::default();
+    sidecar.anchors.register(&mut registry);
+    let mut cfg = trellis_proxy::discovery::DiscoveryConfig::new(
+        fake.addr.to_string(),
+        NS,
+        Duration::from_secs(60),
+    );
+    cfg.tls = Some(sidecar.peer_client(&controller_id, &[ALPN_H2]).unwrap());
+    let discovery = trellis_proxy::discovery::Discovery::new(
+        cfg,
+        Arc::new(trellis_proxy::balance::EndpointRegistry::default()),
+        &mut registry,
+    );
+    discovery.follow_trust_anchors(sidecar.clone());
+    let stream = tokio::time::timeout(Duration::from_secs(10), fake.lines.recv())
+        .await
+        .expect("the sidecar opens the trust anchors stream at start")
+        .unwrap();
+    let counts = |registry: &Registry| {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        (metric(&text, APPLIED), metric(&text, REFUSED))
+    };
+    let send = |line: String| {
+        let stream = stream.clone();
+        async move { stream.send(Bytes::from(line + "\n")).await.unwrap() }
+    };
+    let wait_counts = async |want: (f64, f64)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counts(&registry) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{:?} != {want:?}",
+                counts(&registry)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // The bundle in force: nothing to count.
+    send(serde_json::json!({ "pem": both }).to_string()).await;
+    // Not a bundle, then not PEM: refused.
+    send("garbage".to_string()).await;
+    send(serde_json::json!({ "pem": "not a certificate" }).to_string()).await;
+    wait_counts((0.0, 2.0)).await;
+    assert_eq!(sidecar.anchors.current().pem(), both);
+    // Traffic keeps working: a new mutual TLS connection to the controller.
+    let tcp = tokio::net::TcpStream::connect(fake.addr).await.unwrap();
+    sidecar
+        .peer_client(&controller_id, &[ALPN_H2])
+        .unwrap()
+        .connect(tcp)
+        .await
+        .unwrap();
+
+    // B alone does not verify the sidecar's certificate from A: refused once, kept aside.
+    send(serde_json::json!({ "pem": root_b }).to_string()).await;
+    wait_counts((0.0, 3.0)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        counts(&registry),
+        (0.0, 3.0),
+        "a retry is not counted again"
+    );
+    assert_eq!(sidecar.anchors.current().pem(), both);
+    // Renewed under B, the sidecar takes the bundle it kept aside, with no new line.
+    certified(&ca_b, &both, NS, "client", Some(sidecar.clone())).await;
+    wait_counts((1.0, 3.0)).await;
+    assert_eq!(sidecar.anchors.current().pem(), root_b);
 }
