@@ -178,6 +178,20 @@ async fn totals_since_start_show_each_rule_with_its_success_rate_and_latency() {
         "0".into(),
     ]);
     assert_eq!(out.status.code(), Some(1));
+    // Flags that cannot work together: exit 2, before any scrape.
+    let bad: [&[&str]; 7] = [
+        &["--admin", "127.0.0.1:1", "-n", "shop"],
+        &["--admin", "127.0.0.1:1", "--kubernetes"],
+        &["--admin", "127.0.0.1:1", "--route", "echo"],
+        &["--admin", "127.0.0.1:1", "--parent", "echo"],
+        &["--admin", "https://127.0.0.1:1"],
+        &["--prometheus", "http://127.0.0.1:1", "--window", "0"],
+        &[],
+    ];
+    for args in bad {
+        let out = stat(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
 }
 
 /// A relay in front of a sidecar's admin port: each request is answered with what the sidecar

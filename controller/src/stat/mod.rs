@@ -39,10 +39,10 @@ pub struct Args {
     #[command(flatten)]
     pub source: Source,
     /// With --kubernetes: only pods of this namespace (default: every namespace).
-    #[arg(short = 'n', long, requires = "kubernetes")]
+    #[arg(short = 'n', long)]
     pub namespace: Option<String>,
     /// With --kubernetes: only pods matching this label selector (`app=web,tier!=db`).
-    #[arg(short = 'l', long, requires = "kubernetes")]
+    #[arg(short = 'l', long)]
     pub selector: Option<String>,
     /// The period measured: `10s`, `500ms`, `2m`. Scraped sources scrape twice this far apart
     /// (default 10s); `0` reads totals since each sidecar started, with no rate. With
@@ -176,6 +176,12 @@ async fn run(args: &Args) -> Result<Report, Failure> {
         return Err(Failure::Usage(format!(
             "--route {route:?}: expected NAMESPACE/NAME"
         )));
+    }
+    // Not clap's `requires`: a flag that is off still counts as present to it.
+    if (args.namespace.is_some() || args.selector.is_some()) && !args.source.kubernetes {
+        return Err(Failure::Usage(
+            "--namespace and --selector choose pods for --kubernetes".into(),
+        ));
     }
     let http = scrape::http_client();
     if let Some(url) = &args.source.prometheus {

@@ -142,7 +142,10 @@ pub async fn admin_get(client: &HttpClient, uri: Uri) -> Result<String, ScrapeEr
         .to_bytes();
     let text = String::from_utf8_lossy(&body).into_owned();
     if !status.is_success() {
-        let first = text.lines().next().unwrap_or_default().to_string();
+        let first = match text.lines().next() {
+            Some(line) if !line.trim().is_empty() => line.to_string(),
+            _ => "(no body)".to_string(),
+        };
         return Err(ScrapeError::Status(status, first));
     }
     Ok(text)
