@@ -193,7 +193,7 @@ async fn run(args: &Args) -> Result<Report, Failure> {
         }
         if !url.starts_with("http://") {
             return Err(Failure::Usage(format!(
-                "--prometheus {url:?}: expected an http:// URL (for a server behind TLS, kubectl port-forward to it)"
+                "--prometheus {url:?}: expected an http:// URL (TLS is not supported: reach the server through kubectl port-forward to its plain HTTP port)"
             )));
         }
         let rows = prometheus::stat(&http, url, &filter, window, args.timeout)
