@@ -10,7 +10,6 @@
 //! separate. It is a standard scheme because `http` stores any other scheme on the heap, which
 //! would cost allocations on every clone of every request's URI, on both sides of the hop.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,10 +19,8 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use http::Uri;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use trellis_api::Identity;
 use trellis_tls::MeshTls;
@@ -230,51 +227,12 @@ impl AsyncWrite for HopStream {
     }
 }
 
-impl Connection for HopStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// The connector of the upstream HTTP clients: reads the endpoint and its kind from the URI,
-/// its expected identity from the endpoint registry. The client clones it for every request,
-/// so it holds only pointers.
+/// What the upstream pools connect with: the hop, and the endpoint registry for each meshed
+/// endpoint's expected identity.
 #[derive(Clone, Debug)]
 pub struct Connector {
     pub hop: Arc<Hop>,
     pub endpoints: Arc<EndpointRegistry>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<HopStream>;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let (hop, endpoints) = (self.hop.clone(), self.endpoints.clone());
-        Box::pin(async move {
-            let meshed = uri.scheme_str() == Some(MESH_SCHEME);
-            let addr = uri
-                .authority()
-                .and_then(|a| {
-                    let host = a.host().trim_start_matches('[').trim_end_matches(']');
-                    Some(SocketAddr::new(host.parse().ok()?, a.port_u16()?))
-                })
-                .ok_or_else(|| invalid("upstream URI has no IP:port authority"))?;
-            let identity = if meshed {
-                endpoints.identity_of(addr)
-            } else {
-                None
-            };
-            connect(addr, meshed, identity.as_ref(), &hop)
-                .await
-                .map(TokioIo::new)
-        })
-    }
 }
 
 /// The URI authority of `addr`. Endpoints keep theirs, so that requests clone it instead of

@@ -9,7 +9,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,7 +47,7 @@ pub fn incoming(body: hyper::body::Incoming) -> Body {
 /// sidecars, and HTTP/2 endpoints). Both connect through [`crate::hop`].
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    pub h1: Client<Connector, Body>,
+    pub h1: std::sync::Arc<crate::pool::H1Pool>,
     pub h2: std::sync::Arc<crate::pool::H2Pool>,
 }
 
@@ -60,7 +59,7 @@ pub enum UpstreamError {
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
     #[error(transparent)]
-    Http1(hyper_util::client::legacy::Error),
+    Http1(hyper::Error),
     #[error(transparent)]
     Http2(hyper::Error),
 }
@@ -73,7 +72,7 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         match self {
             UpstreamError::NoEndpoint | UpstreamError::Connect(_) => true,
-            UpstreamError::Http1(e) => e.is_connect(),
+            UpstreamError::Http1(e) => e.is_canceled(),
             UpstreamError::Http2(e) => {
                 e.is_canceled()
                     || std::error::Error::source(e)
@@ -87,13 +86,7 @@ impl UpstreamError {
 
 impl Upstream {
     pub fn new(connector: Connector, idle: Duration) -> Self {
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // The client's own Host header is forwarded as it is.
-            .set_host(false);
-        let h1 = b.build(connector.clone());
+        let h1 = std::sync::Arc::new(crate::pool::H1Pool::new(connector.clone(), idle));
         let h2 = std::sync::Arc::new(crate::pool::H2Pool::new(connector, idle));
         Self { h1, h2 }
     }
@@ -108,7 +101,7 @@ impl Upstream {
             self.h2.send(req).await
         } else {
             *req.version_mut() = Version::HTTP_11;
-            self.h1.request(req).await.map_err(UpstreamError::Http1)
+            self.h1.send(req).await
         }
     }
 }

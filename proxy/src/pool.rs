@@ -1,5 +1,7 @@
-//! HTTP/2 connections to endpoints: one multiplexed connection per endpoint, chosen by the
-//! endpoint's address, so that each request's `:authority` can be the client's own.
+//! Upstream connections to endpoints, chosen by the endpoint's address. HTTP/2: one
+//! multiplexed connection per endpoint, so that each request's `:authority` can be the
+//! client's own. HTTP/1.1: a list of keep-alive connections per endpoint, each carrying one
+//! request at a time.
 //!
 //! A generic client pools by the URI's authority and sends that same authority on the wire,
 //! which would make every gRPC and HTTP/2 backend see an endpoint address (or, after the hop,
@@ -15,6 +17,7 @@ use std::time::Duration;
 use http::uri::{Authority, Parts};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
@@ -120,6 +123,146 @@ impl H2Pool {
         );
         Ok(sender)
     }
+}
+
+/// HTTP/1.1 connections kept per endpoint, busy or idle: at most one per request in flight, so
+/// this bounds only what a burst leaves behind.
+const MAX_H1_PER_ENDPOINT: usize = 256;
+
+/// HTTP/1.1 keep-alive connections per endpoint (apps behind the inbound side, and endpoints
+/// without a sidecar). A connection goes back on its endpoint's list as soon as its response
+/// head arrives, and is taken again once its connection says it is ready for the next request
+/// (its previous response has been read). Nothing is spawned per request and the lock is held
+/// only to push or scan a short list.
+#[derive(Debug)]
+pub struct H1Pool {
+    connector: Connector,
+    idle: Duration,
+    state: Mutex<H1State>,
+}
+
+#[derive(Debug)]
+struct H1State {
+    conns: HashMap<(SocketAddr, bool), Vec<H1Entry>>,
+    /// When closed and idle connections of every endpoint were last dropped.
+    swept: Instant,
+}
+
+#[derive(Debug)]
+struct H1Entry {
+    sender: http1::SendRequest<Body>,
+    used: Instant,
+}
+
+impl H1Pool {
+    pub fn new(connector: Connector, idle: Duration) -> Self {
+        Self {
+            connector,
+            idle,
+            state: Mutex::new(H1State {
+                conns: HashMap::new(),
+                swept: Instant::now(),
+            }),
+        }
+    }
+
+    /// Sends `req` (its URI names the endpoint) on a ready pooled connection, or a new one.
+    /// A pooled connection the endpoint closed before taking the request (a keep-alive race)
+    /// hands the request back, and it goes out on a new connection instead.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        let (addr, meshed) = endpoint(req.uri()).ok_or(UpstreamError::NoEndpoint)?;
+        let mut req = origin_form(req)?;
+        let key = (addr, meshed);
+        if let Some(mut sender) = self.take(key) {
+            match sender.try_send_request(req).await {
+                Ok(res) => {
+                    self.put(key, sender);
+                    return Ok(res);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Http1(e.into_error())),
+                },
+            }
+        }
+        let identity = meshed
+            .then(|| self.connector.endpoints.identity_of(addr))
+            .flatten();
+        let io = hop::connect(addr, meshed, identity.as_ref(), &self.connector.hop)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        // The connection runs until either side closes it or every handle is dropped.
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %addr, "HTTP/1.1 upstream connection ended");
+            }
+        });
+        sender.ready().await.map_err(UpstreamError::Http1)?;
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Http1)?;
+        self.put(key, sender);
+        Ok(res)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, H1State> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The most recently used connection that is ready, dropping closed and idle ones met on
+    /// the way.
+    fn take(&self, key: (SocketAddr, bool)) -> Option<http1::SendRequest<Body>> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let list = state.conns.get_mut(&key)?;
+        let mut i = list.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &list[i];
+            if entry.sender.is_closed() || now.duration_since(entry.used) >= self.idle {
+                // The entry moved here was seen already (busy): the scan goes on below it.
+                list.swap_remove(i);
+            } else if entry.sender.is_ready() {
+                return Some(list.swap_remove(i).sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: (SocketAddr, bool), sender: http1::SendRequest<Body>) {
+        let now = Instant::now();
+        let idle = self.idle;
+        let mut state = self.lock();
+        // Endpoints that went away keep no connections for longer than the idle timeout.
+        if now.duration_since(state.swept) >= idle.min(Duration::from_secs(10)) {
+            state.swept = now;
+            state.conns.retain(|_, list| {
+                list.retain(|e| !e.sender.is_closed() && now.duration_since(e.used) < idle);
+                !list.is_empty()
+            });
+        }
+        let list = state.conns.entry(key).or_default();
+        if list.len() < MAX_H1_PER_ENDPOINT {
+            list.push(H1Entry { sender, used: now });
+        }
+    }
+}
+
+/// HTTP/1.1 requests name only the path on the request line; the endpoint is the connection.
+fn origin_form(mut req: Request<Body>) -> Result<Request<Body>, UpstreamError> {
+    let pq = req.uri().path_and_query().cloned();
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| UpstreamError::NoEndpoint)?;
+    Ok(req)
 }
 
 /// The endpoint in an upstream URI: its address, and whether it is meshed.
