@@ -240,7 +240,11 @@ impl TrustAnchors {
         self.updates
             .get_or_create(&ResultLabel { result: "refused" })
             .inc();
-        tracing::warn!(source, error = why, "trust anchors refused; the anchors in use stay");
+        tracing::warn!(
+            source,
+            error = why,
+            "trust anchors refused; the anchors in use stay"
+        );
     }
 
     /// The new set, `None` when it holds the same certificates as the current one.
