@@ -21,7 +21,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use criterion::{Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
 use trellis_injector::admission;
-use trellis_injector::annotations::Quantity;
+use trellis_injector::annotations::{AccessLog, Quantity};
 use trellis_injector::cert::{self, Resolver};
 use trellis_injector::config::{ReviewLimits, Settings, SidecarMode};
 use trellis_injector::metrics::Metrics;
@@ -41,6 +41,9 @@ fn settings() -> Settings {
             "MIIBkTCB+wIJAKHBfpegPjMCMA0GCSqGSIb3DQEBCwUAMBExDzANBgNVBAMMBnRl\n".repeat(10)
         ),
         proxy_log_level: "info".to_string(),
+        access_log: AccessLog::Off,
+        otlp_endpoint: None,
+        trace_sampling: 0.0,
         cpu_request: Quantity::cpu("100m").unwrap(),
         memory_request: Quantity::memory("64Mi").unwrap(),
         memory_limit: Quantity::memory("256Mi").unwrap(),

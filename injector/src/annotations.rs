@@ -30,6 +30,9 @@ pub const REWRITE_PROBES: &str = "trellis.dev/rewrite-probes";
 pub const PROXY_LOG_LEVEL: &str = "trellis.dev/proxy-log-level";
 /// The proxy's access log: `off` or `json` (one JSON line per request on its standard output).
 pub const ACCESS_LOG: &str = "trellis.dev/access-log";
+/// The share of requests without a `traceparent` that start a trace (0 to 1), when the
+/// injector gives proxies an OTLP endpoint: `TRELLIS_TRACE_SAMPLING`.
+pub const TRACE_SAMPLING: &str = "trellis.dev/trace-sampling";
 /// The proxy container's CPU request.
 pub const PROXY_CPU_REQUEST: &str = "trellis.dev/proxy-cpu-request";
 /// The proxy container's memory request.
@@ -64,6 +67,7 @@ pub struct Overrides {
     pub rewrite_probes: Option<RewriteProbes>,
     pub log_level: Option<String>,
     pub access_log: Option<AccessLog>,
+    pub trace_sampling: Option<f64>,
     pub cpu_request: Option<Quantity>,
     pub memory_request: Option<Quantity>,
     pub memory_limit: Option<Quantity>,
@@ -116,6 +120,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
     field(REWRITE_PROBES, &|v| parse_rewrite_probes(v).map(drop));
     field(PROXY_LOG_LEVEL, &|v| parse_log_level(v).map(drop));
     field(ACCESS_LOG, &|v| parse_access_log(v).map(drop));
+    field(TRACE_SAMPLING, &|v| parse_trace_sampling(v).map(drop));
     field(PROXY_CPU_REQUEST, &|v| Quantity::cpu(v).map(drop));
     field(PROXY_MEMORY_REQUEST, &|v| Quantity::memory(v).map(drop));
     field(PROXY_MEMORY_LIMIT, &|v| Quantity::memory(v).map(drop));
@@ -133,6 +138,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Overrides, Invali
         rewrite_probes: get(REWRITE_PROBES).and_then(|v| parse_rewrite_probes(v).ok()),
         log_level: get(PROXY_LOG_LEVEL).and_then(|v| parse_log_level(v).ok()),
         access_log: get(ACCESS_LOG).and_then(|v| parse_access_log(v).ok()),
+        trace_sampling: get(TRACE_SAMPLING).and_then(|v| parse_trace_sampling(v).ok()),
         cpu_request: get(PROXY_CPU_REQUEST).and_then(|v| Quantity::cpu(v).ok()),
         memory_request: get(PROXY_MEMORY_REQUEST).and_then(|v| Quantity::memory(v).ok()),
         memory_limit: get(PROXY_MEMORY_LIMIT).and_then(|v| Quantity::memory(v).ok()),
@@ -162,6 +168,27 @@ pub fn parse_access_log(value: &str) -> Result<AccessLog, String> {
         "off" => Ok(AccessLog::Off),
         "json" => Ok(AccessLog::Json),
         other => Err(format!("{other:?} is not a valid value (use off or json)")),
+    }
+}
+
+/// A share from 0 to 1 (`0.01`, `1`), as the proxy's `--trace-sampling` takes it. A
+/// percentage (`5%`, or `5` meaning it) is refused rather than read as a share.
+pub fn parse_trace_sampling(value: &str) -> Result<f64, String> {
+    let value = value.trim();
+    let bad = || format!("{value:?} is not a share from 0 to 1 (examples: 0, 0.01, 1)");
+    // Decimal notation only: Rust would also read `inf`, `NaN` and `1e-2`.
+    if value.is_empty()
+        || !value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        || value.matches('.').count() > 1
+    {
+        return Err(bad());
+    }
+    match value.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        Ok(_) => Err(format!(
+            "{value:?} is above 1; the share is from 0 to 1 (0.05 for 5 %)"
+        )),
+        Err(_) => Err(bad()),
     }
 }
 

@@ -208,6 +208,60 @@ fn access_log() {
 }
 
 #[test]
+fn trace_sampling() {
+    for (text, want) in [
+        ("0", 0.0),
+        ("1", 1.0),
+        ("0.01", 0.01),
+        (" .5 ", 0.5),
+        ("1.0", 1.0),
+    ] {
+        assert_eq!(parse_trace_sampling(text), Ok(want), "{text:?}");
+    }
+    for (bad, message) in [
+        ("", "\"\" is not a share from 0 to 1 (examples: 0, 0.01, 1)"),
+        (
+            "5%",
+            "\"5%\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+        ),
+        (
+            "-0.1",
+            "\"-0.1\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+        ),
+        (
+            "1e-2",
+            "\"1e-2\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+        ),
+        (
+            "NaN",
+            "\"NaN\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+        ),
+        (
+            "0.1.2",
+            "\"0.1.2\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+        ),
+        (
+            "5",
+            "\"5\" is above 1; the share is from 0 to 1 (0.05 for 5 %)",
+        ),
+        (
+            "1.01",
+            "\"1.01\" is above 1; the share is from 0 to 1 (0.05 for 5 %)",
+        ),
+    ] {
+        assert_eq!(
+            parse_trace_sampling(bad),
+            Err(message.to_string()),
+            "{bad:?}"
+        );
+    }
+    let overrides = parse(&map(&[(TRACE_SAMPLING, "0.25")])).unwrap();
+    assert_eq!(overrides.trace_sampling, Some(0.25));
+    let error = parse(&map(&[(TRACE_SAMPLING, "10%")])).unwrap_err();
+    assert_eq!(error.0[0].annotation, TRACE_SAMPLING);
+}
+
+#[test]
 fn parse_reports_every_bad_annotation_at_once() {
     let error = parse(&map(&[
         (INJECT, "false"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::annotations::{self, Quantity};
+use crate::annotations::{self, AccessLog, Quantity};
 
 /// The proxy image of this release; the chart normally sets `--proxy-image` explicitly.
 pub const DEFAULT_PROXY_IMAGE: &str = concat!(
@@ -69,6 +69,21 @@ pub struct InjectionArgs {
     #[arg(long, env = "TRELLIS_PROXY_LOG_LEVEL", default_value = "info")]
     pub proxy_log_level: String,
 
+    /// Proxy access log unless a pod sets `trellis.dev/access-log`: `off`, or `json` (a line
+    /// per request on the proxy's standard output).
+    #[arg(long, env = "TRELLIS_PROXY_ACCESS_LOG", value_parser = annotations::parse_access_log, default_value = "off")]
+    pub proxy_access_log: AccessLog,
+
+    /// Where proxies send their spans (OTLP/HTTP), e.g.
+    /// `http://otel-collector.observability:4318`. Unset: proxies do not trace.
+    #[arg(long, env = "TRELLIS_PROXY_OTLP_ENDPOINT", value_name = "URL")]
+    pub proxy_otlp_endpoint: Option<String>,
+
+    /// With --proxy-otlp-endpoint: the share of requests without a `traceparent` that start a
+    /// trace (0 to 1), unless a pod sets `trellis.dev/trace-sampling`.
+    #[arg(long, env = "TRELLIS_PROXY_TRACE_SAMPLING", value_parser = annotations::parse_trace_sampling, default_value = "0")]
+    pub proxy_trace_sampling: f64,
+
     /// Proxy CPU request unless a pod sets `trellis.dev/proxy-cpu-request`.
     #[arg(long, env = "TRELLIS_PROXY_CPU_REQUEST", default_value = "100m")]
     pub proxy_cpu_request: String,
@@ -94,6 +109,12 @@ pub struct Settings {
     /// PEM text, passed to proxies as is.
     pub trust_anchors_pem: String,
     pub proxy_log_level: String,
+    /// The access log of pods that do not choose.
+    pub access_log: AccessLog,
+    /// `TRELLIS_OTLP_ENDPOINT` of every proxy; `None`: no tracing.
+    pub otlp_endpoint: Option<String>,
+    /// The sampling share of pods that do not choose; only given with an endpoint.
+    pub trace_sampling: f64,
     pub cpu_request: Quantity,
     pub memory_request: Quantity,
     pub memory_limit: Quantity,
@@ -142,6 +163,13 @@ impl InjectionArgs {
         }
         let proxy_log_level = annotations::parse_log_level(&self.proxy_log_level)
             .map_err(|p| invalid("proxy-log-level", p))?;
+        let otlp_endpoint = self
+            .proxy_otlp_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(otlp_endpoint)
+            .transpose()?;
         let cpu_request =
             Quantity::cpu(&self.proxy_cpu_request).map_err(|p| invalid("proxy-cpu-request", p))?;
         let memory_request = Quantity::memory(&self.proxy_memory_request)
@@ -163,6 +191,9 @@ impl InjectionArgs {
             trust_domain: self.trust_domain.trim().to_string(),
             trust_anchors_pem: read_trust_anchors(&self.trust_anchors_file)?,
             proxy_log_level,
+            access_log: self.proxy_access_log,
+            otlp_endpoint,
+            trace_sampling: self.proxy_trace_sampling,
             cpu_request,
             memory_request,
             memory_limit,
@@ -188,6 +219,25 @@ pub fn read_trust_anchors(path: &Path) -> Result<String, ConfigError> {
         return Err(error("contains no PEM certificate".to_string()));
     }
     Ok(pem)
+}
+
+/// An `http://host:port[/path]` URL, what the proxy's `--otlp-endpoint` accepts: checked here
+/// so that a typo stops the injector instead of every new proxy.
+fn otlp_endpoint(endpoint: &str) -> Result<String, ConfigError> {
+    let flag = "proxy-otlp-endpoint";
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| invalid(flag, format!("{endpoint:?} is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+        return Err(invalid(
+            flag,
+            format!(
+                "{endpoint:?} must be an http:// URL such as \
+                 http://otel-collector.observability:4318 (proxies export in plaintext)"
+            ),
+        ));
+    }
+    Ok(endpoint.to_string())
 }
 
 fn host_port(flag: &'static str, addr: &str) -> Result<String, ConfigError> {
@@ -426,6 +476,9 @@ pub(crate) mod tests {
             trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"
                 .to_string(),
             proxy_log_level: "info".to_string(),
+            access_log: AccessLog::Off,
+            otlp_endpoint: None,
+            trace_sampling: 0.0,
             cpu_request: Quantity::cpu("100m").unwrap(),
             memory_request: Quantity::memory("64Mi").unwrap(),
             memory_limit: Quantity::memory("256Mi").unwrap(),
@@ -443,6 +496,9 @@ pub(crate) mod tests {
             trust_domain: "cluster.local".to_string(),
             trust_anchors_file: anchors.to_path_buf(),
             proxy_log_level: "info".to_string(),
+            proxy_access_log: AccessLog::Off,
+            proxy_otlp_endpoint: None,
+            proxy_trace_sampling: 0.0,
             proxy_cpu_request: "100m".to_string(),
             proxy_memory_request: "64Mi".to_string(),
             proxy_memory_limit: "256Mi".to_string(),
@@ -478,7 +534,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let anchors = anchors_file(&dir);
         type Edit = fn(&mut InjectionArgs);
-        let cases: [(Edit, &str); 7] = [
+        let cases: [(Edit, &str); 10] = [
             (|a| a.namespace = "Bad_NS".into(), "--namespace"),
             (
                 |a| a.controller_addr = Some("nohost".into()),
@@ -500,6 +556,18 @@ pub(crate) mod tests {
             (
                 |a| a.proxy_memory_request = "1Gi".into(),
                 "--proxy-memory-request",
+            ),
+            (
+                |a| a.proxy_otlp_endpoint = Some("otel:4318".into()),
+                "--proxy-otlp-endpoint",
+            ),
+            (
+                |a| a.proxy_otlp_endpoint = Some("https://otel:4318".into()),
+                "--proxy-otlp-endpoint",
+            ),
+            (
+                |a| a.proxy_otlp_endpoint = Some("http://".into()),
+                "--proxy-otlp-endpoint",
             ),
         ];
         for (edit, flag) in cases {
@@ -562,6 +630,57 @@ pub(crate) mod tests {
         );
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("").is_err() && parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn access_log_and_tracing_of_proxies() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().unwrap();
+        let anchors = anchors_file(&dir);
+        let anchors = anchors.to_str().unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--trust-anchors-file", anchors];
+            argv.extend_from_slice(extra);
+            Serve::try_parse_from(argv).map(|s| s.args.validate().map(|c| c.settings))
+        };
+        let settings = parse(&[]).unwrap().unwrap();
+        assert_eq!(settings.access_log, AccessLog::Off);
+        assert_eq!(settings.otlp_endpoint, None);
+        assert_eq!(settings.trace_sampling, 0.0);
+        let settings = parse(&[
+            "--proxy-access-log",
+            "json",
+            "--proxy-otlp-endpoint",
+            " http://otel-collector.observability:4318 ",
+            "--proxy-trace-sampling",
+            "0.05",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(settings.access_log, AccessLog::Json);
+        assert_eq!(
+            settings.otlp_endpoint.as_deref(),
+            Some("http://otel-collector.observability:4318")
+        );
+        assert_eq!(settings.trace_sampling, 0.05);
+        // An empty endpoint (a chart value left empty) is no endpoint.
+        let settings = parse(&["--proxy-otlp-endpoint", ""]).unwrap().unwrap();
+        assert_eq!(settings.otlp_endpoint, None);
+        let path = parse(&["--proxy-otlp-endpoint", "http://otel:4318/custom/traces"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            path.otlp_endpoint.as_deref(),
+            Some("http://otel:4318/custom/traces")
+        );
+        for bad in [
+            &["--proxy-trace-sampling", "5%"][..],
+            &["--proxy-trace-sampling", "1.5"],
+            &["--proxy-access-log", "text"],
+        ] {
+            let error = parse(bad).unwrap_err().to_string();
+            assert!(error.contains(bad[0]), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -499,3 +499,59 @@ fn the_access_log_annotation_sets_the_proxys_env() {
     );
     assert!(refused.is_err());
 }
+
+#[test]
+fn the_injectors_access_log_applies_unless_the_pod_chooses() {
+    let mut json_default = settings();
+    json_default.access_log = crate::annotations::AccessLog::Json;
+    for (annotations, want) in [
+        (Value::Null, Some("json")),
+        (json!({"trellis.dev/access-log": "off"}), Some("off")),
+        (json!({"trellis.dev/access-log": "json"}), Some("json")),
+    ] {
+        let mut pod = pod(json!({}), annotations.clone());
+        assert_eq!(inject(&mut pod, Some("shop"), &json_default), Ok(None));
+        assert_eq!(proxy_env(&pod, "TRELLIS_ACCESS_LOG"), want, "{annotations}");
+    }
+}
+
+#[test]
+fn tracing_comes_with_the_injectors_endpoint_and_the_pods_sampling() {
+    let mut tracing = settings();
+    tracing.otlp_endpoint = Some("http://otel-collector.observability:4318".to_string());
+    tracing.trace_sampling = 0.01;
+    for (annotations, sampling) in [
+        (Value::Null, "0.01"),
+        (json!({"trellis.dev/trace-sampling": "0.5"}), "0.5"),
+        (json!({"trellis.dev/trace-sampling": "0"}), "0"),
+        (json!({"trellis.dev/trace-sampling": "1"}), "1"),
+    ] {
+        let mut pod = pod(json!({}), annotations.clone());
+        assert_eq!(inject(&mut pod, Some("shop"), &tracing), Ok(None));
+        assert_eq!(
+            proxy_env(&pod, "TRELLIS_OTLP_ENDPOINT"),
+            Some("http://otel-collector.observability:4318"),
+            "{annotations}"
+        );
+        assert_eq!(
+            proxy_env(&pod, "TRELLIS_TRACE_SAMPLING"),
+            Some(sampling),
+            "{annotations}"
+        );
+    }
+    // Without an endpoint the proxy does not trace, and the pod's share is not passed on.
+    let mut pod = pod(json!({}), json!({"trellis.dev/trace-sampling": "0.5"}));
+    assert_eq!(inject(&mut pod, Some("shop"), &settings()), Ok(None));
+    assert_eq!(proxy_env(&pod, "TRELLIS_OTLP_ENDPOINT"), None);
+    assert_eq!(proxy_env(&pod, "TRELLIS_TRACE_SAMPLING"), None);
+    let refused = plan(
+        &self::pod(json!({}), json!({"trellis.dev/trace-sampling": "5%"})),
+        Some("shop"),
+        &tracing,
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "annotation trellis.dev/trace-sampling: \"5%\" is not a share from 0 to 1 (examples: 0, 0.01, 1)"
+    );
+}

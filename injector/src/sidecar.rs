@@ -14,7 +14,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use trellis_api::probes::{APP_PROBES_ENV, AppProbes};
 
-use crate::annotations::{self, Invalid, InvalidAnnotations, Overrides, PortList, Quantity};
+use crate::annotations::{
+    self, AccessLog, Invalid, InvalidAnnotations, Overrides, PortList, Quantity,
+};
 use crate::config::{Settings, SidecarMode};
 
 pub const PROXY_CONTAINER: &str = "trellis-proxy";
@@ -277,8 +279,20 @@ fn proxy_container(
         let json = serde_json::to_string(&inbound.app_probes).unwrap_or_default();
         env_vars.push(env(APP_PROBES_ENV, json));
     }
-    if let Some(format) = overrides.access_log {
-        env_vars.push(env("TRELLIS_ACCESS_LOG", format.as_str()));
+    // Only what differs from the proxy's own defaults (no access log, no tracing), or what the
+    // pod asked for, so a pod of a default install carries no extra variables.
+    match overrides.access_log {
+        Some(format) => env_vars.push(env("TRELLIS_ACCESS_LOG", format.as_str())),
+        None if settings.access_log != AccessLog::Off => {
+            env_vars.push(env("TRELLIS_ACCESS_LOG", settings.access_log.as_str()));
+        }
+        None => {}
+    }
+    // The sampling share means nothing without an endpoint, so it comes only with one.
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        env_vars.push(env("TRELLIS_OTLP_ENDPOINT", endpoint));
+        let sampling = overrides.trace_sampling.unwrap_or(settings.trace_sampling);
+        env_vars.push(env("TRELLIS_TRACE_SAMPLING", sampling.to_string()));
     }
     if let Some(ports) = overrides.opaque_ports.as_ref().filter(|p| !p.is_empty()) {
         env_vars.push(env(

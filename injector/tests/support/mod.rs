@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
-use trellis_injector::annotations::Quantity;
+use trellis_injector::annotations::{AccessLog, Quantity};
 use trellis_injector::config::{Settings, SidecarMode};
 
 /// Settings with fixed values, so expected pods do not change with the release.
@@ -21,6 +21,9 @@ pub fn settings(mode: SidecarMode) -> Settings {
         trust_anchors_pem: "-----BEGIN CERTIFICATE-----\nTEST-ANCHOR\n-----END CERTIFICATE-----\n"
             .to_string(),
         proxy_log_level: "info".to_string(),
+        access_log: AccessLog::Off,
+        otlp_endpoint: None,
+        trace_sampling: 0.0,
         cpu_request: Quantity::cpu("100m").unwrap(),
         memory_request: Quantity::memory("64Mi").unwrap(),
         memory_limit: Quantity::memory("256Mi").unwrap(),
