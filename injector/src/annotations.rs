@@ -171,24 +171,18 @@ pub fn parse_access_log(value: &str) -> Result<AccessLog, String> {
     }
 }
 
-/// A share from 0 to 1 (`0.01`, `1`), as the proxy's `--trace-sampling` takes it. A
+/// A share from 0 to 1 (`0.01`, `1`, `1e-3`), as the proxy's `--trace-sampling` takes it. A
 /// percentage (`5%`, or `5` meaning it) is refused rather than read as a share.
 pub fn parse_trace_sampling(value: &str) -> Result<f64, String> {
     let value = value.trim();
-    let bad = || format!("{value:?} is not a share from 0 to 1 (examples: 0, 0.01, 1)");
-    // Decimal notation only: Rust would also read `inf`, `NaN` and `1e-2`.
-    if value.is_empty()
-        || !value.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-        || value.matches('.').count() > 1
-    {
-        return Err(bad());
-    }
     match value.parse::<f64>() {
         Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
-        Ok(_) => Err(format!(
+        Ok(share) if share > 1.0 && share.is_finite() => Err(format!(
             "{value:?} is above 1; the share is from 0 to 1 (0.05 for 5 %)"
         )),
-        Err(_) => Err(bad()),
+        _ => Err(format!(
+            "{value:?} is not a share from 0 to 1 (examples: 0, 0.01, 1)"
+        )),
     }
 }
 

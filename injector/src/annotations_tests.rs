@@ -215,6 +215,7 @@ fn trace_sampling() {
         ("0.01", 0.01),
         (" .5 ", 0.5),
         ("1.0", 1.0),
+        ("1e-05", 0.00001),
     ] {
         assert_eq!(parse_trace_sampling(text), Ok(want), "{text:?}");
     }
@@ -229,8 +230,8 @@ fn trace_sampling() {
             "\"-0.1\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
         ),
         (
-            "1e-2",
-            "\"1e-2\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
+            "inf",
+            "\"inf\" is not a share from 0 to 1 (examples: 0, 0.01, 1)",
         ),
         (
             "NaN",
