@@ -99,6 +99,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "image": {"repository": "registry.example.org/trellis/proxy", "tag": "v0.1.0-rc.1"},
             "sidecarMode": "classic",
             "logLevel": "warn,trellis_proxy=debug",
+            "accessLog": "json",
+            "tracing": {"otlpEndpoint": "http://otel-collector.observability:4318", "sampling": 0.05},
             "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
         },
     },

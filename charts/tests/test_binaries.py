@@ -161,6 +161,10 @@ def test_chart_defaults_are_the_binaries_defaults(chart, default):
         args_map(default.container("injector"))["--proxy-image"]
     assert help_default("trellis-injector", "serve", "--sidecar-mode") == values["proxy"]["sidecarMode"]
     assert help_default("trellis-injector", "serve", "--proxy-log-level") == values["proxy"]["logLevel"]
+    assert help_default("trellis-injector", "serve", "--proxy-access-log") == values["proxy"]["accessLog"]
+    assert float(help_default("trellis-injector", "serve", "--proxy-trace-sampling")) == values["proxy"]["tracing"]["sampling"]
+    assert "[default" not in help_options("trellis-injector", "serve")["--proxy-otlp-endpoint"]
+    assert values["proxy"]["tracing"]["otlpEndpoint"] == ""
     assert help_default("trellis-injector", "serve", "--proxy-cpu-request") == values["proxy"]["resources"]["requests"]["cpu"]
     assert help_default("trellis-injector", "serve", "--proxy-memory-request") == values["proxy"]["resources"]["requests"]["memory"]
     assert help_default("trellis-injector", "serve", "--proxy-memory-limit") == values["proxy"]["resources"]["limits"]["memory"]

@@ -418,6 +418,8 @@ def test_default_command_lines(default):
         "--proxy-image=ghcr.io/trellis-mesh/trellis-proxy:v0.1.0",
         "--sidecar-mode=native",
         "--proxy-log-level=info",
+        "--proxy-access-log=off",
+        "--proxy-trace-sampling=0",
         "--proxy-cpu-request=100m",
         "--proxy-memory-request=64Mi",
         "--proxy-memory-limit=256Mi",
@@ -450,6 +452,9 @@ def test_values_reach_the_command_lines(any_render):
     assert injector["--identity-addr"] == f"trellis-identity.{ns}.svc:{IDENTITY_PORT}"
     assert injector["--sidecar-mode"] == proxy["sidecarMode"]
     assert injector["--proxy-log-level"] == proxy["logLevel"]
+    assert injector["--proxy-access-log"] == proxy["accessLog"]
+    assert injector.get("--proxy-otlp-endpoint", "") == proxy["tracing"]["otlpEndpoint"]
+    assert float(injector["--proxy-trace-sampling"]) == float(proxy["tracing"]["sampling"])
     assert injector["--proxy-cpu-request"] == proxy["resources"]["requests"]["cpu"]
     assert injector["--proxy-memory-request"] == proxy["resources"]["requests"]["memory"]
     assert injector["--proxy-memory-limit"] == proxy["resources"]["limits"]["memory"]

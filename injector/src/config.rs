@@ -71,7 +71,13 @@ pub struct InjectionArgs {
 
     /// Proxy access log unless a pod sets `trellis.dev/access-log`: `off`, or `json` (a line
     /// per request on the proxy's standard output).
-    #[arg(long, env = "TRELLIS_PROXY_ACCESS_LOG", value_parser = annotations::parse_access_log, default_value = "off")]
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_ACCESS_LOG",
+        value_name = "FORMAT",
+        value_parser = annotations::parse_access_log,
+        default_value = "off"
+    )]
     pub proxy_access_log: AccessLog,
 
     /// Where proxies send their spans (OTLP/HTTP), e.g.
@@ -81,7 +87,13 @@ pub struct InjectionArgs {
 
     /// With --proxy-otlp-endpoint: the share of requests without a `traceparent` that start a
     /// trace (0 to 1), unless a pod sets `trellis.dev/trace-sampling`.
-    #[arg(long, env = "TRELLIS_PROXY_TRACE_SAMPLING", value_parser = annotations::parse_trace_sampling, default_value = "0")]
+    #[arg(
+        long,
+        env = "TRELLIS_PROXY_TRACE_SAMPLING",
+        value_name = "SHARE",
+        value_parser = annotations::parse_trace_sampling,
+        default_value = "0"
+    )]
     pub proxy_trace_sampling: f64,
 
     /// Proxy CPU request unless a pod sets `trellis.dev/proxy-cpu-request`.
