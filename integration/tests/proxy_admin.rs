@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::BodyExt;
@@ -19,12 +19,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Unit;
-use proxy_discovery_support::{client, write};
+use proxy_discovery_support::{client, policy_where, prefixes, write};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use trellis_integration::manifests::SERVICE;
+use trellis_integration::manifests::{SERVICE, route};
 use trellis_integration::{Controller, empty, http1_client, http2_client};
+use trellis_proxy::access_log::rfc3339;
 use trellis_proxy::admin::{self, AdminState, OPENMETRICS_TEXT, PROMETHEUS_TEXT};
 use trellis_proxy::app::App;
 use trellis_proxy::discovery::{Discovery, Subscription};
@@ -39,8 +40,9 @@ struct Admin {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
     discovery: Discovery,
-    _controller: Controller,
-    _dir: tempfile::TempDir,
+    controller: Controller,
+    /// The controller's manifests.
+    dir: tempfile::TempDir,
 }
 
 /// An admin server over a discovery client of a real controller, with data-path-like metrics
@@ -110,8 +112,8 @@ async fn start() -> Admin {
         stop: Some(stop),
         task,
         discovery,
-        _controller: controller,
-        _dir: dir,
+        controller,
+        dir,
     }
 }
 
@@ -383,6 +385,101 @@ async fn probes_config_and_errors_over_http1_and_http2() {
     );
     let metrics = call(&admin, Method::GET, "/metrics", None, true).await;
     check_prometheus_text(&metrics.body);
+}
+
+/// `received_at` and `age_seconds` of `/config`'s entry for `target`.
+async fn received(admin: &Admin, target: &str) -> (serde_json::Value, serde_json::Value) {
+    let doc: serde_json::Value = serde_json::from_str(&get(admin, "/config").await.body).unwrap();
+    let entry = doc["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == target)
+        .unwrap_or_else(|| panic!("no {target} in {doc:#}"))
+        .clone();
+    (entry["received_at"].clone(), entry["age_seconds"].clone())
+}
+
+/// The value of the sample `name` (with its labels) in the admin's `/metrics`.
+async fn sample(admin: &Admin, name: &str) -> Option<f64> {
+    let text = get(admin, "/metrics").await.body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn config_says_when_each_policy_was_received() {
+    let mut admin = start().await;
+    let web_target = "10.96.0.10:80";
+    let before = rfc3339(SystemTime::now());
+    let mut web = admin.discovery.subscribe(&web_target.parse().unwrap());
+    web.wait(Duration::from_secs(5)).await.unwrap();
+    let after = rfc3339(SystemTime::now());
+
+    // RFC 3339 with milliseconds, UTC: such strings sort as the times they name.
+    let (at, age) = received(&admin, web_target).await;
+    let first = at.as_str().unwrap().to_string();
+    assert!(
+        before <= first && first <= after,
+        "{before} <= {first} <= {after}"
+    );
+    let age = age.as_f64().unwrap();
+    assert!((0.0..5.0).contains(&age), "{age}");
+
+    // A new route is a new policy: a later time, and its age counts from then.
+    tokio::time::sleep(Duration::from_millis(50)).await; // apart on a millisecond clock
+    let (_, old_age) = received(&admin, web_target).await;
+    assert!(old_age.as_f64().unwrap() >= 0.05, "{old_age}");
+    let written = std::time::Instant::now();
+    let written_at = rfc3339(SystemTime::now());
+    write(admin.dir.path(), "route.yaml", &route("/v2"));
+    policy_where(&mut web, Duration::from_secs(10), "the /v2 route", |p| {
+        prefixes(p).is_some()
+    })
+    .await;
+    let (at, age) = received(&admin, web_target).await;
+    let second = at.as_str().unwrap().to_string();
+    assert!(
+        second >= written_at && second > first,
+        "{first} then {second}"
+    );
+    assert!(
+        age.as_f64().unwrap() <= written.elapsed().as_secs_f64(),
+        "{age} is older than the route"
+    );
+
+    // While the controller is down, a new destination has no policy, so no time.
+    let addr = admin.controller.addr;
+    admin.controller.process.kill();
+    let unanswered = "10.96.0.77:80";
+    let mut other = admin.discovery.subscribe(&unanswered.parse().unwrap());
+    let (at, age) = received(&admin, unanswered).await;
+    assert_eq!(
+        (at, age),
+        (serde_json::Value::Null, serde_json::Value::Null)
+    );
+
+    // Back, the controller sends web's policy again: the same policy, not a new one.
+    let unchanged = r#"trellis_discovery_updates_total{result="unchanged"}"#;
+    let unchanged_before = sample(&admin, unchanged).await.unwrap();
+    let _restarted = Controller::start_on(admin.dir.path(), addr);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sample(&admin, unchanged).await.unwrap() <= unchanged_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller did not send web's policy again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (at, _) = received(&admin, web_target).await;
+    assert_eq!(
+        at.as_str(),
+        Some(second.as_str()),
+        "an unchanged policy was taken as new"
+    );
+    other.wait(Duration::from_secs(10)).await.unwrap();
+    let (at, _) = received(&admin, unanswered).await;
+    assert!(at.as_str().unwrap() > second.as_str(), "{at}");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@
 //! | `GET /ready` | 200 `ready` once the proxy serves traffic with a valid certificate, else 503 and why |
 //! | `GET /live` | 200 `live` while the process answers |
 //! | `GET /app-health/<container>/<probe>` | the app's original probe, checked now: 200 or 503 and why |
-//! | `GET /config` | JSON: the namespace and every followed destination's snapshot; loopback clients only unless `--admin-config-public` |
+//! | `GET /config` | JSON: the namespace and every followed destination's snapshot, with when it was received; loopback clients only unless `--admin-config-public` |
 //!
 //! Other paths answer 404, other methods 405. HTTP/1.1 and HTTP/2 (prior knowledge) share the
 //! port. The port is open to the pod network (the kubelet and Prometheus reach it there), so
@@ -248,9 +248,17 @@ fn metrics(registry: &Registry, openmetrics: bool) -> Response<Full<Bytes>> {
 
 fn config(discovery: &Discovery) -> Response<Full<Bytes>> {
     let destinations: Vec<_> = discovery
-        .snapshot()
+        .held()
         .into_iter()
-        .map(|(target, policy)| serde_json::json!({ "target": target, "policy": policy }))
+        .map(|held| {
+            serde_json::json!({
+                "target": held.target,
+                "policy": held.policy,
+                "received_at": held.received_at.map(crate::access_log::rfc3339),
+                // Milliseconds are plenty, and keep the number short.
+                "age_seconds": held.age.map(|age| age.as_millis() as f64 / 1000.0),
+            })
+        })
         .collect();
     let doc = serde_json::json!({
         "namespace": discovery.namespace(),

@@ -114,8 +114,31 @@ struct Inner {
 struct TargetState {
     target: Target,
     tx: watch::Sender<Option<Arc<Policy>>>,
+    /// When the policy on `tx` was received, for `/config`. Set under this lock together with
+    /// `tx` (by the destination's one task), so a reader never pairs a policy with another's
+    /// time; requests never take it.
+    received: Mutex<Option<Received>>,
     /// When the last [`Subscription`] was dropped (ms on [`now_ms`]'s clock).
     released_ms: AtomicU64,
+}
+
+/// When a policy was received: the wall clock for people, a monotonic instant for its age.
+#[derive(Clone, Copy, Debug)]
+struct Received {
+    at: SystemTime,
+    instant: Instant,
+}
+
+/// One followed destination as `/config` shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Held {
+    pub target: String,
+    /// The snapshot in force; `None` until the controller's first answer.
+    pub policy: Option<OutboundPolicy>,
+    /// When that snapshot arrived (a snapshot equal to the one in force does not count), and
+    /// how long ago.
+    pub received_at: Option<SystemTime>,
+    pub age: Option<Duration>,
 }
 
 /// The policy of one destination as it changes. Keeping one alive keeps the destination
@@ -201,6 +224,7 @@ impl Discovery {
         let state = Arc::new(TargetState {
             target: target.clone(),
             tx: watch::Sender::new(None),
+            received: Mutex::new(None),
             released_ms: AtomicU64::new(now_ms()),
         });
         // Subscribed before the task starts, so that it does not see an idle destination.
@@ -212,17 +236,32 @@ impl Discovery {
         subscription
     }
 
-    /// Every followed destination with the raw snapshot in force, sorted, for `/config`.
+    /// Every followed destination with the raw snapshot in force, sorted.
     pub fn snapshot(&self) -> Vec<(String, Option<OutboundPolicy>)> {
+        self.held()
+            .into_iter()
+            .map(|h| (h.target, h.policy))
+            .collect()
+    }
+
+    /// Every followed destination with the raw snapshot in force and when it was received,
+    /// sorted, for `/config`.
+    pub fn held(&self) -> Vec<Held> {
         let states: Vec<Arc<TargetState>> = self.inner.targets().values().cloned().collect();
         let mut out: Vec<_> = states
             .iter()
             .map(|s| {
+                let received = lock(&s.received);
                 let policy = s.tx.borrow().as_ref().map(|p| p.snapshot.clone());
-                (s.target.to_string(), policy)
+                Held {
+                    target: s.target.to_string(),
+                    policy,
+                    received_at: received.map(|r| r.at),
+                    age: received.map(|r| r.instant.elapsed()),
+                }
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.target.cmp(&b.target));
         out
     }
 
@@ -270,7 +309,14 @@ impl Inner {
         match Policy::compile(snapshot, &self.endpoints) {
             Ok(policy) => {
                 tracing::debug!(%destination, "discovery: new policy");
-                state.tx.send_replace(Some(Arc::new(policy)));
+                {
+                    let mut received = lock(&state.received);
+                    state.tx.send_replace(Some(Arc::new(policy)));
+                    *received = Some(Received {
+                        at: SystemTime::now(),
+                        instant: Instant::now(),
+                    });
+                }
                 self.metrics.applied.inc();
                 true
             }
@@ -524,6 +570,11 @@ impl Metrics {
             .map_or(0.0, |d| d.as_secs_f64());
         self.last_update.set(now);
     }
+}
+
+/// A lock whose value is whole after any panic (it is only ever replaced).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn gauge_len(n: usize) -> i64 {
