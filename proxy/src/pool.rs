@@ -293,3 +293,124 @@ mod tests {
         assert_eq!(endpoint(&uri), None);
     }
 }
+
+#[cfg(test)]
+mod h1_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::hop::Hop;
+
+    /// An HTTP/1.1 app on loopback answering every request on a connection with `body`,
+    /// keep-alive; counts the connections it accepts. `close_after` answers that many
+    /// requests per connection and then closes it without a word, as an app whose keep-alive
+    /// timeout ran out does.
+    async fn app(close_after: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut answered = 0;
+                    let mut chunk = [0u8; 4096];
+                    while answered < close_after {
+                        let n = match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let res = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(res).await.is_err() {
+                                return;
+                            }
+                            answered += 1;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn pool() -> H1Pool {
+        let hop = Hop {
+            peer_inbound_port: 4143,
+            app: crate::app::App::at("127.0.0.9".parse().unwrap()),
+            handshake_timeout: Duration::from_secs(1),
+            tcp_keepalive: Duration::from_secs(60),
+            tls: None,
+        };
+        let connector = Connector {
+            hop: Arc::new(hop),
+            endpoints: Default::default(),
+        };
+        H1Pool::new(connector, Duration::from_secs(60))
+    }
+
+    async fn get(pool: &H1Pool, addr: SocketAddr) -> Result<Bytes, UpstreamError> {
+        let req = Request::get(format!("http://{addr}/x"))
+            .header("host", "app")
+            .body(crate::http::empty())
+            .unwrap();
+        let res = pool.send(req).await?;
+        assert_eq!(res.status(), 200);
+        Ok(res.into_body().collect().await.unwrap().to_bytes())
+    }
+
+    use bytes::Bytes;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn sequential_requests_share_one_connection() {
+        let (addr, accepted) = app(usize::MAX).await;
+        let pool = pool();
+        for _ in 0..200 {
+            assert_eq!(get(&pool, addr).await.unwrap(), "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_requests_open_one_connection_each_and_reuse_them() {
+        let (addr, accepted) = app(usize::MAX).await;
+        let pool = Arc::new(pool());
+        for _ in 0..20 {
+            let calls: Vec<_> = (0..8)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { get(&pool, addr).await.map(|_| ()) })
+                })
+                .collect();
+            for call in calls {
+                call.await.unwrap().unwrap();
+            }
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=8).contains(&n),
+            "{n} connections for 8 concurrent callers"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_the_app_closed_is_not_used_again() {
+        let (addr, accepted) = app(1).await;
+        let pool = pool();
+        for _ in 0..5 {
+            assert_eq!(get(&pool, addr).await.unwrap(), "ok");
+            // Let the connection see the close, as an idle pooled one would.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+}
