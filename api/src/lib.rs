@@ -11,5 +11,6 @@ pub mod identity;
 pub mod matching;
 pub mod policy;
 pub mod probes;
+pub mod time;
 
 pub use identity::Identity;

@@ -21,6 +21,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use trellis_api::Identity;
+pub use trellis_api::time::rfc3339;
 use x509_parser::certificate::X509Certificate;
 
 use self::csr::CheckedCsr;
@@ -402,28 +403,6 @@ pub fn unix_time(at: SystemTime) -> UnixTime {
 
 pub fn unix_seconds(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
-/// A time for people to read in logs and errors, e.g. `2026-11-23T13:00:34Z`.
-pub fn rfc3339(at: SystemTime) -> String {
-    let secs = unix_seconds(at);
-    let (days, rest) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
 
 /// 16 random bytes from the crypto provider, positive as DER requires: serials must not be

@@ -236,38 +236,27 @@ async fn a_sampled_trace_crosses_both_sidecars_and_the_log_says_where_it_went() 
     assert_eq!(hex(&client_span.parent_span_id), CALLER_SPAN);
     assert_eq!(server_span.parent_span_id, client_span.span_id);
     assert_eq!(hex(&server_span.span_id), parts[2]);
-    assert_eq!(
-        attr(client_span, "trellis.direction").as_deref(),
-        Some("outbound")
-    );
-    assert_eq!(
-        attr(client_span, "trellis.route").as_deref(),
-        Some("mesh/echo")
-    );
-    assert_eq!(
-        attr(client_span, "trellis.parent").as_deref(),
-        Some("mesh/echo:80")
-    );
-    assert_eq!(
-        attr(client_span, "trellis.backend").as_deref(),
-        Some("mesh/echo-v1:80")
-    );
-    assert_eq!(
-        attr(client_span, "trellis.peer_identity").as_deref(),
-        Some("spiffe://cluster.local/ns/mesh/sa/v1")
-    );
-    assert_eq!(
-        attr(client_span, "network.peer.address").as_deref(),
-        Some(ip(block, 11).to_string().as_str())
-    );
-    assert_eq!(
-        attr(server_span, "trellis.direction").as_deref(),
-        Some("inbound")
-    );
-    assert_eq!(
-        attr(server_span, "trellis.peer_identity").as_deref(),
-        Some("spiffe://cluster.local/ns/mesh/sa/client")
-    );
+    let peer = ip(block, 11).to_string();
+    for (span, key, want) in [
+        (client_span, "trellis.direction", "outbound"),
+        (client_span, "trellis.route", "mesh/echo"),
+        (client_span, "trellis.parent", "mesh/echo:80"),
+        (client_span, "trellis.backend", "mesh/echo-v1:80"),
+        (
+            client_span,
+            "trellis.peer_identity",
+            "spiffe://cluster.local/ns/mesh/sa/v1",
+        ),
+        (client_span, "network.peer.address", peer.as_str()),
+        (server_span, "trellis.direction", "inbound"),
+        (
+            server_span,
+            "trellis.peer_identity",
+            "spiffe://cluster.local/ns/mesh/sa/client",
+        ),
+    ] {
+        assert_eq!(attr(span, key).as_deref(), Some(want), "{key}");
+    }
     let posts = receiver.requests.lock().unwrap().clone();
     assert!(
         posts

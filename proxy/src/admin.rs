@@ -254,7 +254,7 @@ fn config(discovery: &Discovery) -> Response<Full<Bytes>> {
             serde_json::json!({
                 "target": held.target,
                 "policy": held.policy,
-                "received_at": held.received_at.map(crate::access_log::rfc3339),
+                "received_at": held.received_at.map(trellis_api::time::rfc3339_millis),
                 // Milliseconds are plenty, and keep the number short.
                 "age_seconds": held.age.map(|age| age.as_millis() as f64 / 1000.0),
             })

@@ -433,7 +433,6 @@ async fn stream(
     state: &TargetState,
     received: &mut bool,
 ) -> Result<Infallible, StreamError> {
-    let mut send = inner.controller.get().await;
     let scheme = if inner.cfg.tls.is_some() {
         "https"
     } else {
@@ -446,6 +445,26 @@ async fn stream(
     push_query_value(&mut uri, &inner.cfg.namespace);
     uri.push_str("&target=");
     push_query_value(&mut uri, &state.target.to_string());
+    let mut body = open(inner, uri).await?;
+    let mut lines = LineBuffer::new(inner.cfg.max_line);
+    loop {
+        let frame = match body.frame().await {
+            None => return Err(StreamError::Ended),
+            Some(frame) => frame.map_err(StreamError::Body)?,
+        };
+        if let Ok(data) = frame.into_data() {
+            lines.extend(&data);
+            while let Some(line) = lines.next_line()? {
+                *received |= inner.apply(state, &line);
+            }
+        }
+    }
+}
+
+/// Asks the controller for a stream at `uri` on the shared connection: its body once the
+/// answer is `200`, or why not.
+async fn open(inner: &Inner, uri: String) -> Result<hyper::body::Incoming, StreamError> {
+    let mut send = inner.controller.get().await;
     let request = Request::get(uri)
         .header(header::ACCEPT, NDJSON)
         .body(Empty::new())?;
@@ -461,20 +480,7 @@ async fn stream(
     if status != StatusCode::OK {
         return Err(StreamError::Status(status));
     }
-    let mut body = response.into_body();
-    let mut lines = LineBuffer::new(inner.cfg.max_line);
-    loop {
-        let frame = match body.frame().await {
-            None => return Err(StreamError::Ended),
-            Some(frame) => frame.map_err(StreamError::Body)?,
-        };
-        if let Ok(data) = frame.into_data() {
-            lines.extend(&data);
-            while let Some(line) = lines.next_line()? {
-                *received |= inner.apply(state, &line);
-            }
-        }
-    }
+    Ok(response.into_body())
 }
 
 /// The `error` of an [`ErrorBody`], or the body as text.

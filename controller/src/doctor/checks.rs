@@ -254,8 +254,8 @@ pub fn judge(cluster: &Cluster, now: Timestamp) -> Vec<Check> {
     let settings = injector.and_then(Fetched::found).map(InjectorSettings::of);
     let mut checks = vec![
         kubernetes_version(&cluster.version, settings.as_ref()),
-        httproute_crd(&cluster.httproute_crd),
-        grpcroute_crd(&cluster.grpcroute_crd),
+        route_crd(&HTTPROUTE_CRD, &cluster.httproute_crd),
+        route_crd(&GRPCROUTE_CRD, &cluster.grpcroute_crd),
     ];
     checks.extend(
         cluster
@@ -444,67 +444,63 @@ fn describe_crd(crd: &CustomResourceDefinition) -> String {
 const CRD_HINT: &str =
     "install the Gateway API CRDs (standard channel, v1.1 or later): see docs/install.md";
 
-fn httproute_crd(crd: &Fetched<CustomResourceDefinition>) -> Check {
-    const NAME: &str = "gateway-api-httproute";
-    let crd = match crd {
-        Fetched::Found(crd) => crd,
-        Fetched::Missing => {
-            return Check::new(
-                NAME,
-                Status::Fail,
-                "CRD httproutes.gateway.networking.k8s.io is not installed: no route applies",
-            )
-            .hint(CRD_HINT);
-        }
-        other => {
-            return other.unknown(NAME, "CRD httproutes.gateway.networking.k8s.io");
-        }
-    };
-    let (served, _) = versions(crd);
-    if !served.contains(&"v1") {
-        return Check::new(
-            NAME,
-            Status::Fail,
-            format!(
-                "HTTPRoute v1 is not served ({}): the controller reads v1",
-                describe_crd(crd)
-            ),
-        )
-        .hint(CRD_HINT);
-    }
-    Check::ok(NAME, format!("HTTPRoute {}", describe_crd(crd)))
+/// What a route CRD's absence means: HTTPRoutes are the mesh's routing, GRPCRoutes an extra.
+struct RouteCrd {
+    check: &'static str,
+    crd: &'static str,
+    kind: &'static str,
+    /// How bad a missing or unserved v1 is.
+    level: Status,
+    missing: &'static str,
+    unserved: &'static str,
 }
 
-fn grpcroute_crd(crd: &Fetched<CustomResourceDefinition>) -> Check {
-    const NAME: &str = "gateway-api-grpcroute";
+const HTTPROUTE_CRD: RouteCrd = RouteCrd {
+    check: "gateway-api-httproute",
+    crd: "httproutes.gateway.networking.k8s.io",
+    kind: "HTTPRoute",
+    level: Status::Fail,
+    missing: "no route applies",
+    unserved: "the controller reads v1",
+};
+
+const GRPCROUTE_CRD: RouteCrd = RouteCrd {
+    check: "gateway-api-grpcroute",
+    crd: "grpcroutes.gateway.networking.k8s.io",
+    kind: "GRPCRoute",
+    level: Status::Warn,
+    missing: "GRPCRoutes cannot be used (HTTPRoutes work)",
+    unserved: "the controller reads v1 only",
+};
+
+fn route_crd(what: &RouteCrd, crd: &Fetched<CustomResourceDefinition>) -> Check {
     let crd = match crd {
         Fetched::Found(crd) => crd,
         Fetched::Missing => {
             return Check::new(
-                NAME,
-                Status::Warn,
-                "CRD grpcroutes.gateway.networking.k8s.io is not installed: GRPCRoutes cannot \
-                 be used (HTTPRoutes work)",
+                what.check,
+                what.level,
+                format!("CRD {} is not installed: {}", what.crd, what.missing),
             )
             .hint(CRD_HINT);
         }
-        other => {
-            return other.unknown(NAME, "CRD grpcroutes.gateway.networking.k8s.io");
-        }
+        other => return other.unknown(what.check, &format!("CRD {}", what.crd)),
     };
     let (served, _) = versions(crd);
     if !served.contains(&"v1") {
         return Check::new(
-            NAME,
-            Status::Warn,
+            what.check,
+            what.level,
             format!(
-                "GRPCRoute v1 is not served ({}): the controller reads v1 only",
-                describe_crd(crd)
+                "{} v1 is not served ({}): {}",
+                what.kind,
+                describe_crd(crd),
+                what.unserved
             ),
         )
         .hint(CRD_HINT);
     }
-    Check::ok(NAME, format!("GRPCRoute {}", describe_crd(crd)))
+    Check::ok(what.check, format!("{} {}", what.kind, describe_crd(crd)))
 }
 
 fn is_ready(pod: &Pod) -> bool {

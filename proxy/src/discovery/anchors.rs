@@ -10,12 +10,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt, Empty};
-use trellis_api::discovery::{NDJSON, TRUST_ANCHORS_PATH, TrustAnchorsUpdate};
+use http_body_util::BodyExt;
+use trellis_api::discovery::{TRUST_ANCHORS_PATH, TrustAnchorsUpdate};
 use trellis_tls::{MeshTls, Offered, RefusedBundle};
 
-use super::{Discovery, Inner, LineBuffer, RESPONSE_TIMEOUT, StreamError, error_message};
+use super::{Discovery, Inner, LineBuffer, StreamError, open};
 use super::{backoff_cap, jittered};
 
 /// A bundle refused only because it does not verify the sidecar's own certificate is offered
@@ -72,25 +71,9 @@ async fn stream(
     tls: &MeshTls,
     received: &mut bool,
 ) -> Result<Infallible, StreamError> {
-    let mut send = inner.controller.get().await;
     let uri = format!("https://{}{TRUST_ANCHORS_PATH}", inner.cfg.controller_addr);
-    let request = Request::get(uri)
-        .header(header::ACCEPT, NDJSON)
-        .body(Empty::new())?;
-    let response = tokio::time::timeout(RESPONSE_TIMEOUT, send.send_request(request))
-        .await
-        .map_err(|_| StreamError::Timeout)?
-        .map_err(StreamError::Send)?;
-    let status = response.status();
-    if status.is_client_error() {
-        let message = error_message(response.into_body()).await;
-        return Err(StreamError::Rejected { status, message });
-    }
-    if status != StatusCode::OK {
-        return Err(StreamError::Status(status));
-    }
+    let mut body = open(inner, uri).await?;
     let source = format!("controller {}", inner.cfg.controller_addr);
-    let mut body = response.into_body();
     let mut lines = LineBuffer::new(inner.cfg.max_line);
     // The last bundle, while it is refused for not verifying the sidecar's own certificate.
     let mut pending: Option<String> = None;
